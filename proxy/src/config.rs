@@ -1,0 +1,303 @@
+//! Config: the proxy's TOML file.
+//!
+//! Unknown keys are rejected and every error names its line (toml's spans).
+//! Durations are strings such as `"250ms"` or `"5s"`. Every pool, queue and
+//! message size has a maximum with a default here.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::{ScramVerifier, StoredSecret};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub databases: Vec<DatabaseConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// The server connection returns to the pool at ReadyForQuery idle.
+    Transaction,
+    /// The server connection stays with the client until it disconnects.
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user) unless the database says otherwise.
+    pub pool_size: u32,
+    pub max_client_connections: u32,
+    /// How long a client waits for a server connection before SQLSTATE 53300.
+    #[serde(with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+    /// TCP connect plus login to a server.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time a client has to finish startup and authentication.
+    #[serde(with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+    /// Idle server connections are closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// Server connections are closed (when idle) after this long.
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// Largest message buffered whole, from a client or a server. DataRow and
+    /// CopyData are streamed through in pieces and may be larger.
+    pub message_bytes_max: u32,
+    /// Bytes queued towards one peer before the proxy stops reading the other.
+    pub buffer_bytes_max: u32,
+    /// Prepared statements kept per server connection (oldest closed first).
+    pub server_prepared_statements_max: u32,
+    /// Named prepared statements one client may hold.
+    pub client_prepared_statements_max: u32,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            pool_mode: PoolMode::Transaction,
+            pool_size: 20,
+            max_client_connections: 10_000,
+            checkout_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            client_login_timeout: Duration::from_secs(15),
+            server_idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            message_bytes_max: 256 << 20,
+            buffer_bytes_max: 256 << 10,
+            server_prepared_statements_max: 1000,
+            client_prepared_statements_max: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plain text, `md5<hex>` or a `SCRAM-SHA-256$...` verifier.
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub auth: AuthMethod,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// The name clients connect to.
+    pub name: String,
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Database name on the server; defaults to `name`.
+    #[serde(default)]
+    pub dbname: Option<String>,
+    /// Server login; defaults to the client's user name and password.
+    #[serde(default)]
+    pub server_user: Option<String>,
+    #[serde(default)]
+    pub server_password: Option<String>,
+    #[serde(default)]
+    pub pool_size: Option<u32>,
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |s: String| Err(ConfigError::Invalid(s));
+        let p = &self.proxy;
+        if p.pool_size == 0 || p.max_client_connections == 0 {
+            return invalid("pool_size and max_client_connections must be at least 1".into());
+        }
+        if p.message_bytes_max < 1024 || p.buffer_bytes_max < 8192 {
+            return invalid(
+                "message_bytes_max must be >= 1024 and buffer_bytes_max >= 8192".into(),
+            );
+        }
+        if p.checkout_timeout.is_zero() || p.connect_timeout.is_zero() {
+            return invalid("checkout_timeout and connect_timeout must be positive".into());
+        }
+        let mut seen = HashMap::new();
+        for user in &self.users {
+            if seen.insert(user.name.as_str(), ()).is_some() {
+                return invalid(format!("user \"{}\" is listed twice", user.name));
+            }
+            let secret = user.password.as_deref().map(StoredSecret::parse);
+            match (user.auth, &secret) {
+                (AuthMethod::Trust, _) => {}
+                (_, None) => {
+                    return invalid(format!("user \"{}\" needs a password for {:?} auth", user.name, user.auth))
+                }
+                (AuthMethod::Md5, Some(StoredSecret::Scram(_))) => {
+                    return invalid(format!(
+                        "user \"{}\": md5 auth needs a plain or md5 password, not a SCRAM verifier",
+                        user.name
+                    ))
+                }
+                (AuthMethod::ScramSha256, Some(StoredSecret::Md5(_))) => {
+                    return invalid(format!(
+                        "user \"{}\": scram-sha-256 auth needs a plain password or a SCRAM verifier, not md5",
+                        user.name
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let mut seen = HashMap::new();
+        for db in &self.databases {
+            if seen.insert(db.name.as_str(), ()).is_some() {
+                return invalid(format!("database \"{}\" is listed twice", db.name));
+            }
+            if db.pool_size == Some(0) {
+                return invalid(format!(
+                    "database \"{}\": pool_size must be at least 1",
+                    db.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A user ready for authentication: secrets parsed once at load, SCRAM
+/// verifiers derived from plain passwords once (the derivation is slow on purpose).
+#[derive(Debug)]
+pub struct User {
+    pub name: String,
+    pub auth: AuthMethod,
+    pub secret: Option<StoredSecret>,
+    pub scram: Option<ScramVerifier>,
+    /// The plain password, when configured, for logging in to servers as this user.
+    pub plain_password: Option<String>,
+}
+
+impl User {
+    pub fn from_config(c: &UserConfig) -> User {
+        let secret = c.password.as_deref().map(StoredSecret::parse);
+        let scram = match (&secret, c.auth) {
+            (Some(StoredSecret::Scram(v)), _) => Some(v.clone()),
+            (Some(StoredSecret::Plain(p)), AuthMethod::ScramSha256) => {
+                Some(ScramVerifier::from_password(p))
+            }
+            _ => None,
+        };
+        let plain_password = match &secret {
+            Some(StoredSecret::Plain(p)) => Some(p.clone()),
+            _ => None,
+        };
+        User {
+            name: c.name.clone(),
+            auth: c.auth,
+            secret,
+            scram,
+            plain_password,
+        }
+    }
+}
+
+pub type SharedConfig = Arc<Config>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let err = Config::parse("[proxy]\npool_size = 3\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn defaults_and_durations() {
+        let c = Config::parse(
+            "[proxy]\ncheckout_timeout = \"250ms\"\n[[users]]\nname = \"a\"\npassword = \"p\"\n\
+             [[databases]]\nname = \"db\"\nport = 5433\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.checkout_timeout, Duration::from_millis(250));
+        assert_eq!(c.proxy.listen.port(), 6432);
+        assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+        assert_eq!(c.databases[0].port, 5433);
+    }
+
+    #[test]
+    fn inconsistent_users_are_rejected() {
+        let verifier = postgres_protocol::password::scram_sha_256(b"pw");
+        for text in [
+            "[[users]]\nname = \"a\"\n".to_owned(),
+            format!("[[users]]\nname = \"a\"\nauth = \"md5\"\npassword = \"{verifier}\"\n"),
+            "[[users]]\nname = \"a\"\npassword = \"md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n".to_owned(),
+            "[[users]]\nname = \"a\"\npassword = \"x\"\n[[users]]\nname = \"a\"\npassword = \"y\"\n".to_owned(),
+        ] {
+            assert!(Config::parse(&text).is_err(), "{text}");
+        }
+    }
+}

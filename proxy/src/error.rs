@@ -1,0 +1,135 @@
+//! Error: everything that can go wrong in a client session, and the one place
+//! that turns it into an ErrorResponse with the right SQLSTATE.
+//!
+//! Client-facing text never names server hosts, internal ids or passwords.
+//! PostgreSQL's own errors never pass through here: they are forwarded as the
+//! server sent them.
+
+use std::time::Duration;
+
+/// Who is at fault; also the metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The client sent something wrong (protocol, auth, unknown database).
+    Client,
+    /// A server misbehaved or went away.
+    Server,
+    /// Capacity: pool exhausted, too many clients.
+    Unavailable,
+    /// A bug or an impossible state in the proxy itself.
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid frontend message: {0}")]
+    Protocol(#[from] wire::Error),
+    #[error("incomplete message from client")]
+    Truncated,
+    #[error("unexpected message type 0x{0:02x} from the client")]
+    UnexpectedMessage(u8),
+    #[error("password authentication failed for user \"{user}\"")]
+    AuthFailed { user: String },
+    #[error("{0}")]
+    AuthProtocol(String),
+    #[error("database \"{0}\" does not exist")]
+    UnknownDatabase(String),
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+    #[error("sorry, too many clients already (max_client_connections = {max})")]
+    TooManyClients { max: u32 },
+    #[error(
+        "connection pool exhausted: no server connection for database \"{database}\" became free \
+         within {waited:?} (pool_size = {pool_size}); raise pool_size or checkout_timeout, or \
+         shorten transactions"
+    )]
+    PoolExhausted {
+        database: String,
+        waited: Duration,
+        pool_size: u32,
+    },
+    #[error("could not connect to the server for database \"{database}\": {reason}")]
+    ServerUnavailable { database: String, reason: String },
+    #[error("server connection lost: {0}")]
+    ServerIo(std::io::Error),
+    #[error("server sent an invalid message: {0}")]
+    ServerProtocol(String),
+    #[error("server login failed: {0}")]
+    ServerAuth(String),
+    #[error("client connection lost: {0}")]
+    ClientIo(std::io::Error),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Error::Protocol(_)
+            | Error::Truncated
+            | Error::UnexpectedMessage(_)
+            | Error::AuthFailed { .. }
+            | Error::AuthProtocol(_)
+            | Error::UnknownDatabase(_)
+            | Error::NoUser
+            | Error::ClientIo(_)
+            | Error::Unsupported(_) => Kind::Client,
+            Error::ServerUnavailable { .. }
+            | Error::ServerIo(_)
+            | Error::ServerProtocol(_)
+            | Error::ServerAuth(_) => Kind::Server,
+            Error::TooManyClients { .. } | Error::PoolExhausted { .. } | Error::ShuttingDown => {
+                Kind::Unavailable
+            }
+        }
+    }
+
+    /// Whether retrying the same statement later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.kind(), Kind::Unavailable | Kind::Server)
+    }
+
+    /// The SQLSTATE the client sees (PostgreSQL's errcodes.txt).
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            Error::Protocol(_)
+            | Error::Truncated
+            | Error::UnexpectedMessage(_)
+            | Error::AuthProtocol(_) => "08P01",
+            Error::AuthFailed { .. } => "28P01",
+            Error::NoUser => "28000",
+            Error::UnknownDatabase(_) => "3D000",
+            Error::TooManyClients { .. } | Error::PoolExhausted { .. } => "53300",
+            Error::ServerUnavailable { .. } | Error::ServerIo(_) => "08006",
+            Error::ServerProtocol(_) => "08P01",
+            Error::ServerAuth(_) => "08004",
+            Error::ClientIo(_) => "08006",
+            Error::Unsupported(_) => "0A000",
+            Error::ShuttingDown => "57P01",
+        }
+    }
+
+    /// Whether the session must end after reporting this error.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(
+            self,
+            Error::PoolExhausted { .. } | Error::ServerUnavailable { .. } | Error::Unsupported(_)
+        )
+    }
+
+    /// Appends the ErrorResponse for this error to `out`.
+    pub fn encode(&self, out: &mut bytes::BytesMut) {
+        let severity = if self.is_fatal() { "FATAL" } else { "ERROR" };
+        wire::backend::encode_error(
+            out,
+            wire::backend::ERROR_RESPONSE,
+            severity,
+            self.sqlstate(),
+            &self.to_string(),
+        );
+    }
+}

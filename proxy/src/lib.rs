@@ -1,0 +1,22 @@
+//! The client-facing PostgreSQL endpoint: sessions, authentication, server
+//! pools and transaction pooling.
+//!
+//! [`Proxy`] accepts clients; each runs a [`session::Session`] that borrows a
+//! server connection from a [`pool::Pool`] per transaction (or per session)
+//! and forwards frames between the two.
+
+pub mod auth;
+pub mod cancel;
+pub mod config;
+pub mod error;
+mod listener;
+pub mod params;
+pub mod pending;
+pub mod pool;
+pub mod server;
+pub mod session;
+pub mod shared;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use listener::Proxy;

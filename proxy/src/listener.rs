@@ -1,0 +1,319 @@
+//! Proxy: the listening socket, the accept loop and client login.
+//!
+//! Login speaks to the client exactly as PostgreSQL 15 does: SSL and GSS
+//! encryption requests are declined with `N`, CancelRequests are forwarded,
+//! then authentication (SCRAM-SHA-256, md5 or trust, per configured user),
+//! then AuthenticationOk, ParameterStatus, BackendKeyData and ReadyForQuery.
+//! Unknown users go through the same exchange as known ones and fail the same
+//! way, so the reply does not reveal which users exist.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wire::backend::{self, TransactionStatus};
+use wire::{frontend, Frame, StartupRequest};
+
+use crate::auth::{self, ScramServer};
+use crate::config::{AuthMethod, Config, User};
+use crate::error::{Error, Result};
+use crate::params;
+use crate::session::{Login, Session};
+use crate::shared::Shared;
+
+/// Largest authentication message accepted (PostgreSQL: PG_MAX_AUTH_TOKEN_LENGTH is 65535).
+const AUTH_MESSAGE_BYTES_MAX: u32 = 65_535;
+
+pub struct Proxy {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    pub async fn bind(config: Config) -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind(config.proxy.listen).await?;
+        Ok(Proxy {
+            listener,
+            shared: Arc::new(Shared::new(Arc::new(config))),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts clients until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let shared = self.shared.clone();
+                        tokio::spawn(async move { handle(shared, stream, peer).await });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                },
+            }
+        }
+    }
+}
+
+async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let timeout = shared.config.proxy.client_login_timeout;
+    let login = match tokio::time::timeout(timeout, login(&shared, &mut stream)).await {
+        Ok(Ok(Some(login))) => login,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            if !matches!(e, Error::ClientIo(_)) {
+                tracing::info!(%peer, error = %e, "client login failed");
+                let mut out = BytesMut::new();
+                e.encode(&mut out);
+                let _ = stream.write_all(&out).await;
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "client login timed out");
+            return;
+        }
+    };
+    let (slot, process_id, cbuf, pool, startup_params, cancel_target) = login;
+    let session = Session::new(
+        shared.clone(),
+        Login {
+            client: stream,
+            cbuf,
+            pool,
+            startup_params,
+            cancel_target,
+        },
+    );
+    if let Err(e) = session.run().await {
+        match e {
+            Error::ClientIo(_) => tracing::debug!(%peer, error = %e, "client connection lost"),
+            e => tracing::info!(%peer, error = %e, "session ended with an error"),
+        }
+    }
+    shared.cancels.unregister(process_id);
+    drop(slot);
+}
+
+type LoggedIn = (
+    crate::shared::ClientSlot,
+    i32,
+    BytesMut,
+    Arc<crate::pool::Pool>,
+    crate::server::ParamState,
+    crate::cancel::CancelTarget,
+);
+
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
+    buf.reserve(1024);
+    match stream.read_buf(buf).await {
+        Ok(0) if buf.is_empty() => Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into())),
+        Ok(0) => Err(Error::Truncated),
+        Ok(_) => Ok(()),
+        Err(e) => Err(Error::ClientIo(e)),
+    }
+}
+
+async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame> {
+    loop {
+        if let Some(frame) = Frame::decode(buf, AUTH_MESSAGE_BYTES_MAX)? {
+            return Ok(frame);
+        }
+        read_more(stream, buf).await?;
+    }
+}
+
+async fn write(stream: &mut TcpStream, out: &mut BytesMut) -> Result<()> {
+    stream.write_all(out).await.map_err(Error::ClientIo)?;
+    out.clear();
+    Ok(())
+}
+
+/// Runs startup and authentication. `Ok(None)` for connections that end
+/// without a session (cancel requests).
+async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<LoggedIn>> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let startup = loop {
+        match StartupRequest::decode(&mut buf)? {
+            None => read_more(stream, &mut buf).await?,
+            Some(StartupRequest::SslRequest | StartupRequest::GssEncRequest) => {
+                stream.write_all(b"N").await.map_err(Error::ClientIo)?;
+            }
+            Some(StartupRequest::Cancel {
+                process_id,
+                secret_key,
+            }) => {
+                shared.cancels.cancel(process_id, secret_key).await;
+                return Ok(None);
+            }
+            Some(StartupRequest::Startup(startup)) => break startup,
+        }
+    };
+    let slot = shared.admit_client().ok_or(Error::TooManyClients {
+        max: shared.config.proxy.max_client_connections,
+    })?;
+    let mut out = BytesMut::with_capacity(1024);
+
+    // Newer clients may ask for protocol 3.x or `_pq_` options: offer 3.0, none.
+    let options: Vec<&[u8]> = startup
+        .params
+        .iter()
+        .filter(|(n, _)| n.starts_with("_pq_."))
+        .map(|(n, _)| n.as_bytes())
+        .collect();
+    if startup.minor_version > 0 || !options.is_empty() {
+        backend::encode_negotiate_protocol_version(&mut out, 0, &options);
+    }
+    if let Some(r) = startup.param("replication") {
+        if !matches!(r, "false" | "off" | "no" | "0") {
+            return Err(Error::Unsupported(
+                "replication connections are not supported by Shardline".into(),
+            ));
+        }
+    }
+
+    let user_name = startup
+        .param("user")
+        .filter(|u| !u.is_empty())
+        .ok_or(Error::NoUser)?
+        .to_owned();
+    let database_name = startup
+        .param("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user_name)
+        .to_owned();
+    let user = shared.users.get(&user_name).cloned();
+    authenticate(
+        stream,
+        &mut buf,
+        &mut out,
+        user.as_deref(),
+        &user_name,
+        &shared.mock_nonce,
+    )
+    .await?;
+    let user = user.expect("authentication fails for unknown users");
+    let database = shared
+        .database(&database_name)
+        .ok_or_else(|| Error::UnknownDatabase(database_name.clone()))?;
+    let pool = shared.pool(database, &user);
+    let server_params = pool.login_params().await?;
+    let startup_params = params::from_startup(&startup.params, &server_params);
+
+    backend::encode_authentication_ok(&mut out);
+    for (name, value) in server_params.iter() {
+        // The client sees its own startup values for parameters it set.
+        let value = startup
+            .params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name) && name != "client_encoding")
+            .map_or(value.as_str(), |(_, v)| v.as_str());
+        backend::encode_parameter_status(&mut out, name.as_bytes(), value.as_bytes());
+    }
+    let process_id = shared.next_process_id();
+    let secret_key = rand::random::<i32>();
+    let cancel_target = shared.cancels.register(process_id, secret_key);
+    backend::encode_backend_key_data(&mut out, process_id, secret_key);
+    backend::encode_ready_for_query(&mut out, TransactionStatus::Idle);
+    write(stream, &mut out).await?;
+    Ok(Some((
+        slot,
+        process_id,
+        buf,
+        pool,
+        startup_params,
+        cancel_target,
+    )))
+}
+
+async fn authenticate(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+    user: Option<&User>,
+    user_name: &str,
+    mock_nonce: &[u8],
+) -> Result<()> {
+    let failed = || Error::AuthFailed {
+        user: user_name.to_owned(),
+    };
+    let method = user.map_or(AuthMethod::ScramSha256, |u| u.auth);
+    match method {
+        AuthMethod::Trust => Ok(()),
+        AuthMethod::Md5 => {
+            let salt = auth::md5_salt();
+            backend::encode_authentication_md5(out, salt);
+            write(stream, out).await?;
+            let frame = expect_password(stream, buf).await?;
+            let response = frontend::password(frame.body())?;
+            let secret = user.and_then(|u| u.secret.as_ref());
+            match secret {
+                Some(secret) if auth::md5_check(secret, user_name, salt, response) => Ok(()),
+                _ => Err(failed()),
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            // Unknown users get a mock exchange: it looks the same and fails.
+            let mut scram = match user.and_then(|u| u.scram.clone()) {
+                Some(verifier) => ScramServer::new(verifier),
+                None => ScramServer::mock(user_name, mock_nonce),
+            };
+            backend::encode_authentication_sasl(out, auth::SCRAM_SHA_256.as_bytes());
+            write(stream, out).await?;
+            let frame = expect_password(stream, buf).await?;
+            let (mechanism, data) = frontend::sasl_initial_response(frame.body())?;
+            if mechanism != auth::SCRAM_SHA_256.as_bytes() {
+                return Err(Error::AuthProtocol(
+                    "client selected an invalid SASL authentication mechanism".into(),
+                ));
+            }
+            let server_first = scram
+                .client_first(data)
+                .map_err(|e| scram_error(e, user_name))?;
+            backend::encode_authentication_sasl_continue(out, &server_first);
+            write(stream, out).await?;
+            let frame = expect_password(stream, buf).await?;
+            let server_final = scram
+                .client_final(frame.body())
+                .map_err(|e| scram_error(e, user_name))?;
+            if user.is_none() {
+                return Err(failed());
+            }
+            backend::encode_authentication_sasl_final(out, &server_final);
+            Ok(())
+        }
+    }
+}
+
+fn scram_error(e: auth::AuthError, user_name: &str) -> Error {
+    match e {
+        auth::AuthError::WrongPassword => Error::AuthFailed {
+            user: user_name.to_owned(),
+        },
+        other => Error::AuthProtocol(other.to_string()),
+    }
+}
+
+async fn expect_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame> {
+    let frame = read_frame(stream, buf).await?;
+    if frame.tag() != frontend::PASSWORD {
+        return Err(Error::AuthProtocol(format!(
+            "expected password response, got message type {}",
+            frame.tag()
+        )));
+    }
+    Ok(frame)
+}

@@ -1,0 +1,228 @@
+//! Session parameters that follow a client from one server connection to the next.
+//!
+//! A client's parameters come from its startup packet and from the SET/RESET
+//! statements it ran. Each server connection records what has been applied to
+//! it ([`crate::server::ParamState`]); on checkout the proxy runs the difference.
+//! Startup parameters are replayed with `set_config`, which takes the value
+//! exactly as the startup packet does; SET statements are replayed verbatim.
+
+use std::sync::Arc;
+
+use router::SessionEffect;
+
+use crate::server::{ParamState, ServerParams};
+
+/// Startup packet keys that are not session parameters.
+const NOT_PARAMS: &[&str] = &["user", "database", "replication", "options"];
+
+/// A client's startup parameters as statements, leaving out those equal to
+/// the server's login defaults (nothing to do for them).
+pub fn from_startup(params: &[(String, String)], defaults: &ServerParams) -> ParamState {
+    let mut state = ParamState::new();
+    let mut set = |name: &str, value: &str| {
+        let name = name.to_ascii_lowercase();
+        let same_as_server = defaults
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case(&name) && v == value);
+        if !same_as_server {
+            state.insert(name.clone(), set_config(&name, value).into());
+        }
+    };
+    for (name, value) in params {
+        if name == "options" {
+            for (n, v) in parse_options(value) {
+                set(&n, &v);
+            }
+        } else if !NOT_PARAMS.contains(&name.as_str()) && !name.starts_with("_pq_.") {
+            set(name, value);
+        }
+    }
+    state
+}
+
+/// `-c name=value` and `--name=value` pairs of a startup `options` string
+/// (backslash escapes a space, as libpq documents).
+pub fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut pairs = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next()
+        } else if let Some(rest) = w.strip_prefix("--") {
+            Some(rest.to_owned())
+        } else {
+            w.strip_prefix("-c").map(str::to_owned)
+        };
+        if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+            pairs.push((name.replace('-', "_"), value.to_owned()));
+        }
+    }
+    pairs
+}
+
+fn set_config(name: &str, value: &str) -> String {
+    format!(
+        "SELECT pg_catalog.set_config({}, {}, false)",
+        literal(name),
+        literal(value)
+    )
+}
+
+/// An escape-string literal, correct whatever standard_conforming_strings is.
+fn literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 3);
+    out.push_str("E'");
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+fn identifier(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The SQL that brings a server's parameters to the client's; empty if equal.
+pub fn sync_sql(client: &ParamState, server: &ParamState) -> String {
+    let mut sql = String::new();
+    for (name, statement) in client {
+        if server.get(name) != Some(statement) {
+            sql.push_str(statement);
+            sql.push_str(";\n");
+        }
+    }
+    for name in server.keys() {
+        if !client.contains_key(name) {
+            sql.push_str("RESET ");
+            sql.push_str(&identifier(name));
+            sql.push_str(";\n");
+        }
+    }
+    sql
+}
+
+/// A statement with `effect` ran on a server connection; its transaction has
+/// not committed yet, so what it changed there is unknown until it does. An
+/// unknown entry equals no client statement, so the next sync sets or resets it.
+/// Returns whether the server's prepared statements are gone (they do not
+/// wait for the commit).
+pub fn executed(effect: &SessionEffect, server: &mut ParamState) -> bool {
+    match effect {
+        SessionEffect::Set { name, .. } | SessionEffect::Reset { name } => {
+            server.insert(name.clone(), unknown());
+            false
+        }
+        SessionEffect::ResetAll => {
+            server.values_mut().for_each(|v| *v = unknown());
+            false
+        }
+        SessionEffect::DiscardAll => {
+            server.values_mut().for_each(|v| *v = unknown());
+            true
+        }
+        SessionEffect::DeallocateAll => true,
+        SessionEffect::Unchanged => false,
+    }
+}
+
+fn unknown() -> Arc<str> {
+    Arc::from("")
+}
+
+/// The transaction of a statement with `effect` committed: the client now
+/// wants the setting, and the server has it.
+pub fn committed(
+    effect: &SessionEffect,
+    client: &mut ParamState,
+    server: &mut ParamState,
+    startup: &ParamState,
+) {
+    match effect {
+        SessionEffect::Set { name, statement } => {
+            let statement: Arc<str> = statement.as_str().into();
+            client.insert(name.clone(), statement.clone());
+            server.insert(name.clone(), statement);
+        }
+        SessionEffect::Reset { name } => {
+            server.remove(name);
+            match startup.get(name) {
+                Some(s) => client.insert(name.clone(), s.clone()),
+                None => client.remove(name),
+            };
+        }
+        SessionEffect::ResetAll | SessionEffect::DiscardAll => {
+            server.clear();
+            *client = startup.clone();
+        }
+        SessionEffect::DeallocateAll | SessionEffect::Unchanged => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_split_like_libpq() {
+        assert_eq!(
+            parse_options("-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB -c x=a\\ b"),
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("work_mem".into(), "1MB".into()),
+                ("x".into(), "a b".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn startup_params_equal_to_server_defaults_are_skipped() {
+        let defaults: ServerParams = Arc::new(vec![("client_encoding".into(), "UTF8".into())]);
+        let state = from_startup(
+            &[
+                ("user".into(), "u".into()),
+                ("client_encoding".into(), "UTF8".into()),
+                ("application_name".into(), "it's".into()),
+            ],
+            &defaults,
+        );
+        assert_eq!(state.len(), 1);
+        assert_eq!(
+            &*state["application_name"],
+            "SELECT pg_catalog.set_config(E'application_name', E'it''s', false)"
+        );
+    }
+
+    #[test]
+    fn sync_sets_what_differs_and_resets_what_is_extra() {
+        let mut client = ParamState::new();
+        let mut server = ParamState::new();
+        client.insert("a".into(), "SET a = 1".into());
+        server.insert("b".into(), "SET b = 2".into());
+        assert_eq!(sync_sql(&client, &server), "SET a = 1;\nRESET \"b\";\n");
+        server = client.clone();
+        assert_eq!(sync_sql(&client, &server), "");
+    }
+}

@@ -1,0 +1,436 @@
+//! Pending: the replies a session still owes its client, in order.
+//!
+//! The proxy does not forward every client message unchanged: it answers some
+//! itself (Close of a statement, Parse of a statement the server already has)
+//! and sends some of its own (a Parse before a Bind on a connection that lacks
+//! the statement). Replies must still reach the client in the order it sent
+//! its messages, so every message that expects a reply gets an entry here, and
+//! each server reply is matched against the entry at the head.
+//!
+//! Reply rules from the PostgreSQL docs, "Extended Query" and "Simple Query":
+//! after an ErrorResponse to an extended-protocol message the server skips
+//! everything up to the next Sync; during COPY FROM STDIN it ignores Sync and
+//! Flush.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use router::SessionEffect;
+use wire::backend;
+
+/// Which server message completes an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    ParseComplete,
+    BindComplete,
+    CloseComplete,
+    /// RowDescription or NoData (after an optional ParameterDescription).
+    Description,
+    /// CommandComplete, EmptyQueryResponse or PortalSuspended.
+    ExecuteDone,
+    /// ReadyForQuery: Sync, simple Query and FunctionCall.
+    Ready,
+}
+
+impl Expect {
+    fn completed_by(self, tag: u8) -> bool {
+        match self {
+            Expect::ParseComplete => tag == backend::PARSE_COMPLETE,
+            Expect::BindComplete => tag == backend::BIND_COMPLETE,
+            Expect::CloseComplete => tag == backend::CLOSE_COMPLETE,
+            Expect::Description => tag == backend::ROW_DESCRIPTION || tag == backend::NO_DATA,
+            Expect::ExecuteDone => matches!(
+                tag,
+                backend::COMMAND_COMPLETE
+                    | backend::EMPTY_QUERY_RESPONSE
+                    | backend::PORTAL_SUSPENDED
+            ),
+            Expect::Ready => tag == backend::READY_FOR_QUERY,
+        }
+    }
+}
+
+/// A reply the proxy makes in the server's place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalReply {
+    ParseComplete,
+    CloseComplete,
+}
+
+pub type Effects = Arc<[SessionEffect]>;
+
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// A client message sent on; its replies go to the client.
+    Forwarded {
+        expect: Expect,
+        registers: Option<u64>,
+        effects: Option<Effects>,
+        next_effect: usize,
+    },
+    /// A message the proxy sent itself; its replies are not forwarded, except errors.
+    Injected {
+        expect: Expect,
+        registers: Option<u64>,
+    },
+    /// A reply made by the proxy, due once everything before it is answered.
+    Local(LocalReply),
+    /// The client's CopyDone or CopyFail: where a COPY FROM STDIN ends.
+    CopyEnd,
+}
+
+impl Entry {
+    /// A client message sent on, expecting `expect`.
+    pub fn forwarded(expect: Expect) -> Entry {
+        Entry::Forwarded {
+            expect,
+            registers: None,
+            effects: None,
+            next_effect: 0,
+        }
+    }
+
+    /// A statement text sent on, whose statements may change the session.
+    pub fn with_effects(expect: Expect, effects: Option<Effects>) -> Entry {
+        Entry::Forwarded {
+            expect,
+            registers: None,
+            effects,
+            next_effect: 0,
+        }
+    }
+
+    /// A Parse that makes the server hold statement `hash`.
+    pub fn registering(expect: Expect, hash: Option<u64>) -> Entry {
+        Entry::Forwarded {
+            expect,
+            registers: hash,
+            effects: None,
+            next_effect: 0,
+        }
+    }
+}
+
+/// What to do with one server message.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Disposition {
+    /// Send the message on to the client.
+    pub forward: bool,
+    /// Statements whose Parse failed or was skipped: no longer on the server.
+    pub unregistered: Vec<u64>,
+    /// A reply to nothing: the connection is out of step.
+    pub unexpected: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Pending {
+    entries: VecDeque<Entry>,
+    /// The server is skipping messages after an error and no Sync is queued yet.
+    skipping_to_sync: bool,
+    /// The server started COPY FROM STDIN and the client has not ended it yet:
+    /// its Syncs are ignored by the server.
+    copy_in_open: bool,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether a Parse sent now would be skipped by the server.
+    pub fn is_skipping(&self) -> bool {
+        self.skipping_to_sync
+    }
+
+    /// Queues an entry for a message just sent (or answered locally).
+    /// Local replies due at once are appended to `out`.
+    pub fn push(&mut self, entry: Entry, out: &mut bytes::BytesMut) {
+        match &entry {
+            Entry::Forwarded {
+                expect: Expect::Ready,
+                ..
+            } if self.copy_in_open => return,
+            Entry::Forwarded {
+                expect: Expect::Ready,
+                ..
+            } => self.skipping_to_sync = false,
+            Entry::CopyEnd if self.copy_in_open => {
+                self.copy_in_open = false;
+                return;
+            }
+            _ if self.skipping_to_sync => return,
+            _ => {}
+        }
+        self.entries.push_back(entry);
+        self.drain_local(out);
+    }
+
+    /// Matches one server message against the head entry. Local replies due
+    /// before it are appended to `out` first; the caller appends the message
+    /// itself (if `forward`) and then calls [`Pending::drain_local`].
+    pub fn on_server_message(&mut self, tag: u8, out: &mut bytes::BytesMut) -> Disposition {
+        self.drain_local(out);
+        let mut d = Disposition {
+            forward: true,
+            ..Disposition::default()
+        };
+        match tag {
+            // Asynchronous messages may arrive at any time and always go through.
+            backend::NOTICE_RESPONSE
+            | backend::PARAMETER_STATUS
+            | backend::NOTIFICATION_RESPONSE => return d,
+            backend::ERROR_RESPONSE => {
+                self.on_error(&mut d);
+                return d;
+            }
+            backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE => self.on_copy_in(),
+            _ => {}
+        }
+        let (expect, injected) = match self.entries.front() {
+            Some(Entry::Forwarded { expect, .. }) => (*expect, false),
+            Some(Entry::Injected { expect, .. }) => (*expect, true),
+            // Local entries were drained above, so this is a reply to nothing.
+            Some(Entry::Local(_) | Entry::CopyEnd) | None => {
+                d.forward = false;
+                d.unexpected = true;
+                return d;
+            }
+        };
+        d.forward = !injected;
+        if expect.completed_by(tag) {
+            self.entries.pop_front();
+        }
+        d
+    }
+
+    /// The session effect of the statement a CommandComplete with `tag` just
+    /// completed, if the head entry's text has effects and the tag is one of
+    /// theirs. Effects are consumed in statement order.
+    pub fn take_effect(&mut self, tag: &[u8]) -> Option<SessionEffect> {
+        let Some(Entry::Forwarded {
+            effects: Some(effects),
+            next_effect,
+            ..
+        }) = self.entries.front_mut()
+        else {
+            return None;
+        };
+        if !SessionEffect::completes_with(tag) {
+            return None;
+        }
+        let effect = effects.get(*next_effect)?.clone();
+        *next_effect += 1;
+        Some(effect)
+    }
+
+    /// Whether the head entry carries session effects.
+    pub fn head_has_effects(&self) -> bool {
+        matches!(
+            self.entries.front(),
+            Some(Entry::Forwarded {
+                effects: Some(_),
+                ..
+            })
+        )
+    }
+
+    /// Whether the head entry expects something from the server.
+    pub fn awaits_server(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
+    fn on_error(&mut self, d: &mut Disposition) {
+        d.forward = true;
+        match self.entries.front() {
+            // A simple Query or Sync goes on to ReadyForQuery after an error.
+            Some(
+                Entry::Forwarded {
+                    expect: Expect::Ready,
+                    ..
+                }
+                | Entry::Injected {
+                    expect: Expect::Ready,
+                    ..
+                },
+            )
+            | None => {}
+            Some(_) => {
+                // The server now skips to the next Sync: so do the replies.
+                while let Some(entry) = self.entries.front() {
+                    match entry {
+                        Entry::Forwarded {
+                            expect: Expect::Ready,
+                            ..
+                        } => break,
+                        Entry::Forwarded {
+                            registers: Some(h), ..
+                        }
+                        | Entry::Injected {
+                            registers: Some(h), ..
+                        } => d.unregistered.push(*h),
+                        _ => {}
+                    }
+                    self.entries.pop_front();
+                }
+                if self.entries.is_empty() {
+                    self.skipping_to_sync = true;
+                }
+            }
+        }
+    }
+
+    /// The server entered COPY FROM STDIN: Syncs the client sent between the
+    /// COPY and its CopyDone/CopyFail will be ignored, so expect no reply.
+    fn on_copy_in(&mut self) {
+        let mut i = 1;
+        while i < self.entries.len() {
+            match self.entries[i] {
+                Entry::CopyEnd => {
+                    self.entries.remove(i);
+                    return;
+                }
+                Entry::Forwarded {
+                    expect: Expect::Ready,
+                    ..
+                } => {
+                    self.entries.remove(i);
+                }
+                _ => i += 1,
+            }
+        }
+        self.copy_in_open = true;
+    }
+
+    /// Appends the local replies now due.
+    pub fn drain_local(&mut self, out: &mut bytes::BytesMut) {
+        while let Some(entry) = self.entries.front() {
+            match entry {
+                Entry::Local(LocalReply::ParseComplete) => {
+                    wire::backend::encode_parse_complete(out)
+                }
+                Entry::Local(LocalReply::CloseComplete) => {
+                    wire::backend::encode_close_complete(out)
+                }
+                Entry::CopyEnd => {}
+                _ => return,
+            }
+            self.entries.pop_front();
+        }
+    }
+
+    /// Forgets everything; used when the server connection is dropped.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.skipping_to_sync = false;
+        self.copy_in_open = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+
+    fn fwd(expect: Expect) -> Entry {
+        Entry::forwarded(expect)
+    }
+
+    #[test]
+    fn local_replies_wait_for_earlier_server_replies() {
+        let mut p = Pending::default();
+        let mut out = BytesMut::new();
+        p.push(fwd(Expect::BindComplete), &mut out);
+        p.push(Entry::Local(LocalReply::CloseComplete), &mut out);
+        p.push(fwd(Expect::Ready), &mut out);
+        assert!(out.is_empty());
+        assert!(
+            p.on_server_message(backend::BIND_COMPLETE, &mut out)
+                .forward
+        );
+        assert!(out.is_empty(), "the BindComplete goes first");
+        p.drain_local(&mut out);
+        assert_eq!(&out[..], b"3\0\0\0\x04");
+        assert!(
+            p.on_server_message(backend::READY_FOR_QUERY, &mut out)
+                .forward
+        );
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn error_skips_to_sync_and_unregisters() {
+        let mut p = Pending::default();
+        let mut out = BytesMut::new();
+        p.push(
+            Entry::Injected {
+                expect: Expect::ParseComplete,
+                registers: Some(7),
+            },
+            &mut out,
+        );
+        p.push(fwd(Expect::BindComplete), &mut out);
+        p.push(Entry::Local(LocalReply::ParseComplete), &mut out);
+        p.push(fwd(Expect::ExecuteDone), &mut out);
+        p.push(fwd(Expect::Ready), &mut out);
+        let d = p.on_server_message(backend::ERROR_RESPONSE, &mut out);
+        assert!(d.forward);
+        assert_eq!(d.unregistered, vec![7]);
+        p.drain_local(&mut out);
+        assert!(out.is_empty(), "no ParseComplete after an error");
+        assert!(
+            p.on_server_message(backend::READY_FOR_QUERY, &mut out)
+                .forward
+        );
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn injected_replies_are_swallowed() {
+        let mut p = Pending::default();
+        let mut out = BytesMut::new();
+        p.push(
+            Entry::Injected {
+                expect: Expect::ParseComplete,
+                registers: Some(1),
+            },
+            &mut out,
+        );
+        p.push(fwd(Expect::BindComplete), &mut out);
+        assert!(
+            !p.on_server_message(backend::PARSE_COMPLETE, &mut out)
+                .forward
+        );
+        assert!(
+            p.on_server_message(backend::BIND_COMPLETE, &mut out)
+                .forward
+        );
+    }
+
+    #[test]
+    fn syncs_inside_copy_in_expect_no_reply() {
+        let mut p = Pending::default();
+        let mut out = BytesMut::new();
+        p.push(fwd(Expect::ExecuteDone), &mut out);
+        p.push(fwd(Expect::Ready), &mut out); // ignored by the server: sent during COPY
+        p.on_server_message(backend::COPY_IN_RESPONSE, &mut out);
+        p.push(Entry::CopyEnd, &mut out);
+        p.push(fwd(Expect::Ready), &mut out);
+        p.on_server_message(backend::COMMAND_COMPLETE, &mut out);
+        p.on_server_message(backend::READY_FOR_QUERY, &mut out);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn error_without_queued_sync_skips_later_messages() {
+        let mut p = Pending::default();
+        let mut out = BytesMut::new();
+        p.push(fwd(Expect::BindComplete), &mut out);
+        p.on_server_message(backend::ERROR_RESPONSE, &mut out);
+        p.push(fwd(Expect::ExecuteDone), &mut out);
+        p.push(Entry::Local(LocalReply::CloseComplete), &mut out);
+        assert!(out.is_empty());
+        p.push(fwd(Expect::Ready), &mut out);
+        p.on_server_message(backend::READY_FOR_QUERY, &mut out);
+        assert!(p.is_empty());
+    }
+}

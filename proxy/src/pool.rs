@@ -1,0 +1,180 @@
+//! Pools: one bb8 pool of ServerConn per (database, user), created on first use.
+//!
+//! Checkout never turns into a round trip: validity is a non-blocking peek at
+//! the socket, and a connection whose protocol state is unknown is marked
+//! `broken`, so bb8 drops it instead of handing it out again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::config::PoolMode;
+use crate::error::{Error, Result};
+use crate::server::{ServerConn, ServerParams, ServerTarget};
+
+pub type Pooled = bb8::PooledConnection<'static, ServerManager>;
+
+pub struct ServerManager {
+    target: ServerTarget,
+    prepared_max: u32,
+    /// Login parameters of the first connection made, reported to clients.
+    login_params: Arc<Mutex<Option<ServerParams>>>,
+    /// Bumped with the reason every time a connection attempt fails, so
+    /// waiting clients learn the server is down instead of timing out.
+    failures: watch::Sender<(u64, String)>,
+}
+
+impl bb8::ManageConnection for ServerManager {
+    type Connection = ServerConn;
+    type Error = Error;
+
+    async fn connect(&self) -> Result<ServerConn> {
+        match ServerConn::connect(&self.target, self.prepared_max).await {
+            Ok(conn) => {
+                tracing::debug!(database = %self.target.database, "new server connection");
+                let mut params = self.login_params.lock().expect("lock poisoned");
+                if params.is_none() {
+                    *params = Some(conn.login_params.clone());
+                }
+                Ok(conn)
+            }
+            Err(e) => {
+                tracing::warn!(database = %self.target.database, error = %e, "server connection failed");
+                self.failures.send_modify(|(n, reason)| {
+                    *n += 1;
+                    *reason = e.to_string();
+                });
+                Err(e)
+            }
+        }
+    }
+
+    async fn is_valid(&self, conn: &mut ServerConn) -> Result<()> {
+        if conn.is_idle_and_open() {
+            Ok(())
+        } else {
+            tracing::debug!(database = %self.target.database, "dropping a server connection that is closed or out of step");
+            conn.broken = true;
+            Err(Error::ServerIo(std::io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    fn has_broken(&self, conn: &mut ServerConn) -> bool {
+        conn.broken
+    }
+}
+
+/// One pool and what sessions need to know about it.
+pub struct Pool {
+    pub database: String,
+    pub mode: PoolMode,
+    pub size: u32,
+    pool: bb8::Pool<ServerManager>,
+    login_params: Arc<Mutex<Option<ServerParams>>>,
+    failures: watch::Receiver<(u64, String)>,
+}
+
+pub struct PoolSettings {
+    pub size: u32,
+    pub mode: PoolMode,
+    pub checkout_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+    pub prepared_max: u32,
+}
+
+impl Pool {
+    pub fn new(database: String, target: ServerTarget, settings: PoolSettings) -> Pool {
+        let login_params = Arc::new(Mutex::new(None));
+        let (failures_tx, failures) = watch::channel((0, String::new()));
+        let manager = ServerManager {
+            target,
+            prepared_max: settings.prepared_max,
+            login_params: login_params.clone(),
+            failures: failures_tx,
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(settings.size)
+            .min_idle(None)
+            .test_on_check_out(true)
+            .connection_timeout(settings.checkout_timeout)
+            .idle_timeout(Some(settings.idle_timeout))
+            .max_lifetime(Some(settings.lifetime))
+            .queue_strategy(bb8::QueueStrategy::Lifo)
+            .build_unchecked(manager);
+        Pool {
+            database,
+            mode: settings.mode,
+            size: settings.size,
+
+            pool,
+            login_params,
+            failures,
+        }
+    }
+
+    /// Waits for a server connection up to the checkout timeout. Fails early
+    /// if a connection attempt fails while waiting. Cancel-safe.
+    pub async fn checkout(&self) -> Result<Pooled> {
+        let started = Instant::now();
+        let mut failures = self.failures.clone();
+        failures.mark_unchanged();
+        tokio::select! {
+            biased;
+            got = self.pool.get_owned() => got.map_err(|e| match e {
+                bb8::RunError::User(e) => e,
+                bb8::RunError::TimedOut => Error::PoolExhausted {
+                    database: self.database.clone(),
+                    waited: started.elapsed(),
+                    pool_size: self.size,
+                },
+            }),
+            _ = failures.changed() => {
+                let reason = failures.borrow().1.clone();
+                Err(Error::ServerUnavailable { database: self.database.clone(), reason })
+            }
+        }
+    }
+
+    /// The server's login ParameterStatus values, connecting once if no
+    /// connection has been made yet.
+    pub async fn login_params(&self) -> Result<ServerParams> {
+        if let Some(params) = self.login_params.lock().expect("lock poisoned").clone() {
+            return Ok(params);
+        }
+        let conn = self.checkout().await?;
+        Ok(conn.login_params.clone())
+    }
+
+    pub fn state(&self) -> bb8::State {
+        self.pool.state()
+    }
+}
+
+/// All pools, by (client database, client user).
+#[derive(Default)]
+pub struct Pools {
+    pools: RwLock<HashMap<(String, String), Arc<Pool>>>,
+}
+
+impl Pools {
+    pub fn get_or_create(
+        &self,
+        database: &str,
+        user: &str,
+        make: impl FnOnce() -> Pool,
+    ) -> Arc<Pool> {
+        let key = (database.to_owned(), user.to_owned());
+        if let Some(pool) = self.pools.read().expect("lock poisoned").get(&key) {
+            return pool.clone();
+        }
+        self.pools
+            .write()
+            .expect("lock poisoned")
+            .entry(key)
+            .or_insert_with(|| Arc::new(make()))
+            .clone()
+    }
+}

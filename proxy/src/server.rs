@@ -1,0 +1,386 @@
+//! ServerConn: one authenticated connection to a PostgreSQL server, and what
+//! the proxy knows about its session state.
+//!
+//! Connections are raw sockets, not tokio-postgres clients: the proxy forwards
+//! client frames unchanged, so it only needs to log in and then track enough
+//! state (prepared statements, session parameters, protocol position) to hand
+//! the connection from one client to the next safely.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wire::backend::{self, Authentication};
+use wire::Frame;
+
+use crate::error::{Error, Result};
+
+/// Where and as whom a pool logs in.
+#[derive(Debug, Clone)]
+pub struct ServerTarget {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+    pub message_bytes_max: u32,
+}
+
+/// What a client needs to cancel a query running on a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelKey {
+    pub addr: SocketAddr,
+    pub process_id: i32,
+    pub secret_key: i32,
+}
+
+/// The ParameterStatus values a server reported at login.
+pub type ServerParams = Arc<Vec<(String, String)>>;
+
+/// Session parameters set on a connection beyond its login defaults:
+/// GUC name -> the statement that set it.
+pub type ParamState = HashMap<String, Arc<str>>;
+
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// Read buffer; frames are split off it.
+    pub buf: BytesMut,
+    pub cancel_key: CancelKey,
+    pub login_params: ServerParams,
+    /// Session parameters as applied on this connection.
+    pub params: ParamState,
+    /// Content hashes of the statements prepared here under `sl_<hash>` names.
+    pub prepared: PreparedSet,
+    /// Set when the protocol state is unknown; the pool then drops the connection.
+    pub broken: bool,
+}
+
+impl ServerConn {
+    /// Connects and logs in. Cancel-safe: dropping the future drops the socket.
+    pub async fn connect(target: &ServerTarget, prepared_max: u32) -> Result<ServerConn> {
+        let unavailable = |reason: String| Error::ServerUnavailable {
+            database: target.database.clone(),
+            reason,
+        };
+        let login = async {
+            let stream = TcpStream::connect((target.host.as_str(), target.port))
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            stream.set_nodelay(true).map_err(Error::ServerIo)?;
+            let addr = stream.peer_addr().map_err(Error::ServerIo)?;
+            Self::login(stream, addr, target, prepared_max).await
+        };
+        match tokio::time::timeout(target.connect_timeout, login).await {
+            Ok(result) => result,
+            Err(_) => Err(unavailable(format!(
+                "timed out after {:?}",
+                target.connect_timeout
+            ))),
+        }
+    }
+
+    async fn login(
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        target: &ServerTarget,
+        prepared_max: u32,
+    ) -> Result<ServerConn> {
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", target.user.as_str()),
+                ("database", target.database.as_str()),
+            ],
+            &mut out,
+        )
+        .map_err(|e| Error::ServerProtocol(e.to_string()))?;
+        stream.write_all(&out).await.map_err(Error::ServerIo)?;
+        out.clear();
+
+        let mut buf = BytesMut::with_capacity(8192);
+        let mut scram: Option<ScramSha256> = None;
+        let mut params = Vec::new();
+        let mut key = None;
+        loop {
+            let frame = read_frame(&mut stream, &mut buf, target.message_bytes_max).await?;
+            match frame.tag() {
+                backend::AUTHENTICATION => {
+                    let password = || {
+                        target.password.as_deref().ok_or_else(|| {
+                            Error::ServerAuth(format!(
+                                "the server asks for a password for user \"{}\" and none is configured",
+                                target.user
+                            ))
+                        })
+                    };
+                    match Authentication::decode(frame.body())? {
+                        Authentication::Ok => continue,
+                        Authentication::CleartextPassword => {
+                            frontend::password_message(password()?.as_bytes(), &mut out)
+                                .map_err(|e| Error::ServerProtocol(e.to_string()))?;
+                        }
+                        Authentication::Md5Password { salt } => {
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                target.user.as_bytes(),
+                                password()?.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(hash.as_bytes(), &mut out)
+                                .map_err(|e| Error::ServerProtocol(e.to_string()))?;
+                        }
+                        Authentication::Sasl { mechanisms } => {
+                            if !mechanisms.iter().any(|m| *m == b"SCRAM-SHA-256") {
+                                return Err(Error::ServerAuth(
+                                    "the server offers no SASL mechanism the proxy supports".into(),
+                                ));
+                            }
+                            let client = ScramSha256::new(
+                                password()?.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                client.message(),
+                                &mut out,
+                            )
+                            .map_err(|e| Error::ServerProtocol(e.to_string()))?;
+                            scram = Some(client);
+                        }
+                        Authentication::SaslContinue { data } => {
+                            let client = scram.as_mut().ok_or_else(|| {
+                                Error::ServerProtocol("unexpected SASLContinue".into())
+                            })?;
+                            client
+                                .update(data)
+                                .map_err(|e| Error::ServerAuth(e.to_string()))?;
+                            frontend::sasl_response(client.message(), &mut out)
+                                .map_err(|e| Error::ServerProtocol(e.to_string()))?;
+                        }
+                        Authentication::SaslFinal { data } => {
+                            let client = scram.as_mut().ok_or_else(|| {
+                                Error::ServerProtocol("unexpected SASLFinal".into())
+                            })?;
+                            client
+                                .finish(data)
+                                .map_err(|e| Error::ServerAuth(e.to_string()))?;
+                            continue;
+                        }
+                        Authentication::Other(code) => {
+                            return Err(Error::ServerAuth(format!(
+                                "unsupported authentication request {code} from the server"
+                            )))
+                        }
+                    }
+                    stream.write_all(&out).await.map_err(Error::ServerIo)?;
+                    out.clear();
+                }
+                backend::PARAMETER_STATUS => {
+                    let (name, value) = backend::parameter_status(frame.body())?;
+                    params.push((
+                        String::from_utf8_lossy(name).into_owned(),
+                        String::from_utf8_lossy(value).into_owned(),
+                    ));
+                }
+                backend::BACKEND_KEY_DATA => key = Some(backend::backend_key_data(frame.body())?),
+                backend::ERROR_RESPONSE => {
+                    let fields = backend::ErrorFields::decode(frame.body())?;
+                    let message = String::from_utf8_lossy(fields.message).into_owned();
+                    return Err(match fields.code {
+                        b"28P01" | b"28000" => Error::ServerAuth(message),
+                        _ => Error::ServerUnavailable {
+                            database: target.database.clone(),
+                            reason: message,
+                        },
+                    });
+                }
+                backend::NOTICE_RESPONSE | backend::NEGOTIATE_PROTOCOL_VERSION => {}
+                backend::READY_FOR_QUERY => break,
+                other => {
+                    return Err(Error::ServerProtocol(format!(
+                        "unexpected message 0x{other:02x} during login"
+                    )))
+                }
+            }
+        }
+        let (process_id, secret_key) = key.unwrap_or((0, 0));
+        Ok(ServerConn {
+            stream,
+            buf,
+            cancel_key: CancelKey {
+                addr,
+                process_id,
+                secret_key,
+            },
+            login_params: Arc::new(params),
+            params: ParamState::new(),
+            prepared: PreparedSet::new(prepared_max as usize),
+            broken: false,
+        })
+    }
+
+    /// Whether an idle connection is still usable: no bytes pending (an idle
+    /// server only talks to say it is going away) and not closed. One
+    /// non-blocking peek, no round trip.
+    pub fn is_idle_and_open(&self) -> bool {
+        use nix::sys::socket::{recv, MsgFlags};
+        let mut probe = [0u8; 1];
+        match recv(
+            self.stream.as_raw_fd(),
+            &mut probe,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Err(nix::errno::Errno::EAGAIN) => !self.broken && self.buf.is_empty(),
+            _ => false,
+        }
+    }
+
+    /// Runs `sql` (simple protocol) on an idle connection and discards the
+    /// replies. Returns the first error message, if any. Marks the connection
+    /// broken on IO or protocol errors.
+    pub async fn run_discarding(
+        &mut self,
+        sql: &str,
+        message_bytes_max: u32,
+    ) -> Result<Option<String>> {
+        let result = self.run_discarding_inner(sql, message_bytes_max).await;
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    async fn run_discarding_inner(
+        &mut self,
+        sql: &str,
+        message_bytes_max: u32,
+    ) -> Result<Option<String>> {
+        let mut out = BytesMut::new();
+        wire::frontend::encode_query(&mut out, sql.as_bytes());
+        self.stream.write_all(&out).await.map_err(Error::ServerIo)?;
+        let mut first_error = None;
+        loop {
+            let frame = read_frame(&mut self.stream, &mut self.buf, message_bytes_max).await?;
+            match frame.tag() {
+                backend::ERROR_RESPONSE if first_error.is_none() => {
+                    let fields = backend::ErrorFields::decode(frame.body())?;
+                    first_error = Some(String::from_utf8_lossy(fields.message).into_owned());
+                }
+                backend::READY_FOR_QUERY => {
+                    if backend::TransactionStatus::decode(frame.body())?
+                        != backend::TransactionStatus::Idle
+                    {
+                        self.broken = true;
+                    }
+                    return Ok(first_error);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Reads one whole frame. Cancel-safe: partial data stays in `buf`.
+pub async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut, max: u32) -> Result<Frame> {
+    loop {
+        if let Some(frame) =
+            Frame::decode(buf, max).map_err(|e| Error::ServerProtocol(e.to_string()))?
+        {
+            return Ok(frame);
+        }
+        buf.reserve(8192);
+        let n = stream.read_buf(buf).await.map_err(Error::ServerIo)?;
+        if n == 0 {
+            return Err(Error::ServerIo(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+/// The statements prepared on one server connection, bounded: past the
+/// maximum the oldest is closed to make room.
+#[derive(Debug, Default)]
+pub struct PreparedSet {
+    names: HashSet<u64>,
+    order: VecDeque<u64>,
+    max: usize,
+}
+
+impl PreparedSet {
+    pub fn new(max: usize) -> Self {
+        PreparedSet {
+            names: HashSet::new(),
+            order: VecDeque::new(),
+            max: max.max(1),
+        }
+    }
+
+    pub fn contains(&self, hash: u64) -> bool {
+        self.names.contains(&hash)
+    }
+
+    /// Records `hash`; returns the statement to close on the server, if the
+    /// set was full.
+    pub fn insert(&mut self, hash: u64) -> Option<u64> {
+        if !self.names.insert(hash) {
+            return None;
+        }
+        self.order.push_back(hash);
+        if self.names.len() > self.max {
+            let evicted = self.order.pop_front().expect("order holds every name");
+            self.names.remove(&evicted);
+            return Some(evicted);
+        }
+        None
+    }
+
+    pub fn remove(&mut self, hash: u64) {
+        if self.names.remove(&hash) {
+            self.order.retain(|h| *h != hash);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.names.clear();
+        self.order.clear();
+    }
+}
+
+/// The server-side name of a statement: `sl_` and its content hash in hex.
+pub fn statement_name(hash: u64) -> [u8; 19] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut name = *b"sl_0000000000000000";
+    for i in 0..16 {
+        name[3 + i] = HEX[((hash >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_names_are_hex() {
+        assert_eq!(
+            &statement_name(0x0123_4567_89ab_cdef),
+            b"sl_0123456789abcdef"
+        );
+    }
+
+    #[test]
+    fn prepared_set_evicts_oldest() {
+        let mut set = PreparedSet::new(2);
+        assert_eq!(set.insert(1), None);
+        assert_eq!(set.insert(2), None);
+        assert_eq!(set.insert(1), None);
+        assert_eq!(set.insert(3), Some(1));
+        assert!(!set.contains(1) && set.contains(2) && set.contains(3));
+    }
+}

@@ -1,0 +1,695 @@
+//! Session: one client connection, from startup to Terminate.
+//!
+//! After login the session is a small event loop over two sockets (the client
+//! and, while it holds one, a server connection) and two output buffers. It
+//! decodes only frame headers and the few messages it must look into; every
+//! other frame is copied through unchanged. DataRow and CopyData frames larger
+//! than [`STREAM_THRESHOLD`] are streamed in pieces, so a 100 MB row never sits
+//! in memory whole. Reads stop while the opposite output buffer is full, which
+//! bounds memory per session and pushes back on fast senders.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use twox_hash::XxHash3_64;
+use wire::backend::{self, TransactionStatus};
+use wire::frontend::{self, Bind, Parse, Target};
+use wire::{Frame, Header};
+
+use crate::cancel::CancelTarget;
+use crate::config::PoolMode;
+use crate::error::{Error, Result};
+use crate::params;
+use crate::pending::{Effects, Entry, Expect, LocalReply, Pending};
+use crate::pool::{Pool, Pooled};
+use crate::server::{statement_name, ParamState};
+use crate::shared::Shared;
+use router::SessionEffect;
+
+/// DataRow and CopyData frames above this size are streamed, not buffered.
+pub const STREAM_THRESHOLD: usize = 64 << 10;
+/// The largest frame accepted at all (streamed frames included): PostgreSQL's
+/// own ceiling for one message is 1 GB.
+const FRAME_BYTES_MAX: u32 = (1 << 30) - 1;
+
+/// The client closed its side: fine between messages, a protocol error inside one.
+fn client_eof(cbuf: &BytesMut) -> Result<()> {
+    if cbuf.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Truncated)
+    }
+}
+
+/// A client's named prepared statement.
+struct ClientStatement {
+    /// Content hash; the server-side name is `sl_<hash>`.
+    hash: u64,
+    /// The Parse body after the name: query, parameter types.
+    definition: Bytes,
+    effects: Option<Effects>,
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    client: TcpStream,
+    cbuf: BytesMut,
+    cout: BytesMut,
+    pool: Arc<Pool>,
+    mode: PoolMode,
+    server: Option<Pooled>,
+    sout: BytesMut,
+    pending: Pending,
+    statements: HashMap<Bytes, ClientStatement>,
+    unnamed_effects: Option<Effects>,
+    bound_effects: Option<Effects>,
+    /// Session parameters the client wants, and those it logged in with.
+    params: ParamState,
+    startup_params: ParamState,
+    params_dirty: bool,
+    /// Session effects of statements completed in the current transaction.
+    txn_effects: Vec<SessionEffect>,
+    error_in_batch: bool,
+    txn_status: TransactionStatus,
+    /// Bytes of a large client frame still to pass to the server.
+    client_stream: usize,
+    /// Bytes of a large server frame still to pass to the client.
+    server_stream: usize,
+    /// A proxy error ended an extended-protocol batch: skip to Sync.
+    skipping_to_sync: bool,
+    cancel_target: CancelTarget,
+    terminated: bool,
+}
+
+pub struct Login {
+    pub client: TcpStream,
+    pub cbuf: BytesMut,
+    pub pool: Arc<Pool>,
+    pub startup_params: ParamState,
+    pub cancel_target: CancelTarget,
+}
+
+impl Session {
+    pub fn new(shared: Arc<Shared>, login: Login) -> Session {
+        let mode = login.pool.mode;
+        Session {
+            shared,
+            client: login.client,
+            cbuf: login.cbuf,
+            cout: BytesMut::with_capacity(8192),
+            pool: login.pool,
+            mode,
+            server: None,
+            sout: BytesMut::with_capacity(8192),
+            pending: Pending::default(),
+            statements: HashMap::new(),
+            unnamed_effects: None,
+            bound_effects: None,
+            params: login.startup_params.clone(),
+            startup_params: login.startup_params,
+            params_dirty: false,
+            txn_effects: Vec::new(),
+            error_in_batch: false,
+            txn_status: TransactionStatus::Idle,
+            client_stream: 0,
+            server_stream: 0,
+            skipping_to_sync: false,
+            cancel_target: login.cancel_target,
+            terminated: false,
+        }
+    }
+
+    /// Serves the client until it terminates or an error ends the session.
+    pub async fn run(mut self) -> Result<()> {
+        let result = self.serve().await;
+        if let Err(e) = &result {
+            if !matches!(e, Error::ClientIo(_)) {
+                // After whatever replies are already due; `finish` writes them out.
+                e.encode(&mut self.cout);
+            }
+        }
+        self.finish().await;
+        result
+    }
+
+    async fn serve(&mut self) -> Result<()> {
+        let buffer_max = self.shared.config.proxy.buffer_bytes_max as usize;
+        loop {
+            self.process_client().await?;
+            if self.terminated {
+                return Ok(());
+            }
+            self.process_server()?;
+            self.maybe_release();
+
+            // Back-pressure: read a side only while the other side's output has room.
+            let Session {
+                client,
+                cbuf,
+                cout,
+                server,
+                sout,
+                ..
+            } = self;
+            let (mut client_rd, mut client_wr) = client.split();
+            let read_client = cout.len() < buffer_max && sout.len() < buffer_max;
+            let read_server = cout.len() < buffer_max;
+            cbuf.reserve(8192);
+            match server.as_deref_mut() {
+                Some(conn) => {
+                    conn.buf.reserve(8192);
+                    let (mut server_rd, mut server_wr) = conn.stream.split();
+                    tokio::select! {
+                        biased;
+                        r = server_wr.write_buf(sout), if !sout.is_empty() => {
+                            r.map_err(|e| { conn.broken = true; Error::ServerIo(e) })?;
+                        }
+                        r = client_wr.write_buf(cout), if !cout.is_empty() => {
+                            r.map_err(Error::ClientIo)?;
+                        }
+                        r = server_rd.read_buf(&mut conn.buf), if read_server => {
+                            let n = r.map_err(|e| { conn.broken = true; Error::ServerIo(e) })?;
+                            if n == 0 {
+                                conn.broken = true;
+                                return Err(Error::ServerIo(std::io::ErrorKind::UnexpectedEof.into()));
+                            }
+                        }
+                        r = client_rd.read_buf(cbuf), if read_client => {
+                            if r.map_err(Error::ClientIo)? == 0 {
+                                return client_eof(cbuf);
+                            }
+                        }
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        biased;
+                        r = client_wr.write_buf(cout), if !cout.is_empty() => {
+                            r.map_err(Error::ClientIo)?;
+                        }
+                        r = client_rd.read_buf(cbuf), if read_client => {
+                            if r.map_err(Error::ClientIo)? == 0 {
+                                return client_eof(cbuf);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands the server connection back, or drops it if its state is unknown.
+    async fn finish(&mut self) {
+        let _ = self.client.write_all(&self.cout).await;
+        let Some(mut conn) = self.server.take() else {
+            return;
+        };
+        let clean = self.pending.is_empty()
+            && self.txn_status == TransactionStatus::Idle
+            && self.server_stream == 0
+            && self.client_stream == 0
+            && conn.buf.is_empty();
+        if !clean {
+            conn.broken = true;
+        } else if self.mode == PoolMode::Session {
+            let max = self.shared.config.proxy.message_bytes_max;
+            let _ = conn.run_discarding("DISCARD ALL", max).await;
+            conn.params.clear();
+            conn.prepared.clear();
+        }
+        *self.cancel_target.lock().expect("lock poisoned") = None;
+    }
+
+    fn maybe_release(&mut self) {
+        if self.mode != PoolMode::Transaction {
+            return;
+        }
+        let Some(conn) = &mut self.server else { return };
+        if self.pending.is_empty()
+            && self.txn_status == TransactionStatus::Idle
+            && self.server_stream == 0
+            && self.client_stream == 0
+            && self.sout.is_empty()
+        {
+            if !conn.buf.is_empty() {
+                // Bytes nobody asked for: the connection is out of step.
+                conn.broken = true;
+            }
+            *self.cancel_target.lock().expect("lock poisoned") = None;
+            self.server = None;
+        }
+    }
+
+    /// Makes sure a server connection is attached, with the client's parameters.
+    async fn ensure_server(&mut self) -> Result<()> {
+        if self.server.is_none() {
+            let conn = self.pool.checkout().await?;
+            *self.cancel_target.lock().expect("lock poisoned") = Some(conn.cancel_key);
+            self.server = Some(conn);
+            self.params_dirty = true;
+        }
+        if self.params_dirty && self.pending.is_empty() {
+            self.params_dirty = false;
+            let conn = self.server.as_mut().expect("attached above");
+            let sql = params::sync_sql(&self.params, &conn.params);
+            if !sql.is_empty() {
+                let max = self.shared.config.proxy.message_bytes_max;
+                match conn.run_discarding(&sql, max).await {
+                    Ok(None) => {}
+                    Ok(Some(message)) => {
+                        tracing::warn!(%message, "replaying session parameters failed")
+                    }
+                    Err(e) => {
+                        self.server = None;
+                        return Err(e);
+                    }
+                }
+                conn.params = self.params.clone();
+            }
+        }
+        Ok(())
+    }
+
+    fn conn(&mut self) -> &mut crate::server::ServerConn {
+        self.server.as_mut().expect("ensure_server ran")
+    }
+
+    async fn process_client(&mut self) -> Result<()> {
+        let proxy = &self.shared.config.proxy;
+        let buffer_max = proxy.buffer_bytes_max as usize;
+        let message_max = proxy.message_bytes_max as usize;
+        loop {
+            if self.client_stream > 0 {
+                let n = self.client_stream.min(self.cbuf.len());
+                if n == 0 {
+                    return Ok(());
+                }
+                self.sout.extend_from_slice(&self.cbuf.split_to(n));
+                self.client_stream -= n;
+                continue;
+            }
+            if self.sout.len() >= buffer_max || self.terminated {
+                return Ok(());
+            }
+            let Some(header) = Header::peek(&self.cbuf, FRAME_BYTES_MAX)? else {
+                return Ok(());
+            };
+            let frame_len = header.frame_len();
+            if header.tag == frontend::COPY_DATA && frame_len > STREAM_THRESHOLD {
+                if self.server.is_none() {
+                    return Err(Error::UnexpectedMessage(header.tag));
+                }
+                self.client_stream = frame_len;
+                continue;
+            }
+            if frame_len - wire::HEADER_LEN > message_max {
+                return Err(wire::Error::TooLarge {
+                    len: frame_len as u64 - 1,
+                    max: message_max as u64 + 4,
+                }
+                .into());
+            }
+            let Some(frame) = Frame::decode(&mut self.cbuf, FRAME_BYTES_MAX)? else {
+                return Ok(());
+            };
+            self.on_client_frame(frame).await?;
+        }
+    }
+
+    async fn on_client_frame(&mut self, frame: Frame) -> Result<()> {
+        let tag = frame.tag();
+        tracing::trace!(client = ?self.cancel_target.lock().map(|t| t.map(|k| k.process_id)), tag = %(tag as char), body = ?String::from_utf8_lossy(&frame.body()[..frame.body().len().min(60)]), "client frame");
+        if self.skipping_to_sync {
+            if tag == frontend::SYNC {
+                self.skipping_to_sync = false;
+                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+            }
+            return Ok(());
+        }
+        // Messages answered without a server when none is attached.
+        if self.server.is_none() {
+            match tag {
+                frontend::TERMINATE => {
+                    self.terminated = true;
+                    return Ok(());
+                }
+                frontend::FLUSH
+                | frontend::COPY_DATA
+                | frontend::COPY_DONE
+                | frontend::COPY_FAIL => return Ok(()),
+                frontend::SYNC => {
+                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                    return Ok(());
+                }
+                frontend::CLOSE => {
+                    let target = Target::decode(frame.body())?;
+                    if target.kind == frontend::TARGET_STATEMENT && !target.name.is_empty() {
+                        self.statements.remove(target.name);
+                        backend::encode_close_complete(&mut self.cout);
+                        return Ok(());
+                    }
+                }
+                // A named Parse that parses is answered at once and prepared on
+                // the server when first used. Clients that prepare synchronously
+                // while others of theirs hold every server connection (pgbench
+                // -M prepared, libpq's PQprepare) would otherwise wait on
+                // themselves until the checkout timeout.
+                frontend::PARSE => {
+                    let parse = Parse::decode(frame.body())?;
+                    let sql = std::str::from_utf8(parse.query).ok();
+                    if !parse.name.is_empty() && sql.is_some_and(router::parses) {
+                        self.remember(&frame, parse)?;
+                        backend::encode_parse_complete(&mut self.cout);
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if tag == frontend::TERMINATE {
+            self.terminated = true;
+            return Ok(());
+        }
+        if let Err(e) = self.ensure_server().await {
+            if e.is_fatal() {
+                return Err(e);
+            }
+            // The client learns at once; an extended batch skips to its Sync.
+            e.encode(&mut self.cout);
+            if tag == frontend::QUERY {
+                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+            } else if tag != frontend::SYNC {
+                self.skipping_to_sync = true;
+            } else {
+                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+            }
+            return Ok(());
+        }
+        match tag {
+            frontend::QUERY => {
+                let effects = self.effects_of(frontend::query_text(frame.body())?);
+                self.forward(&frame, Entry::with_effects(Expect::Ready, effects));
+            }
+            frontend::PARSE => self.on_parse(&frame)?,
+            frontend::BIND => self.on_bind(&frame)?,
+            frontend::DESCRIBE => {
+                let target = Target::decode(frame.body())?;
+                let entry = Entry::forwarded(Expect::Description);
+                match self.prepare_named(target.kind, target.name) {
+                    Some(name) => {
+                        frontend::encode_target(
+                            &mut self.sout,
+                            frontend::DESCRIBE,
+                            target.kind,
+                            &name,
+                        );
+                        self.pending.push(entry, &mut self.cout);
+                    }
+                    None => self.forward(&frame, entry),
+                }
+            }
+            frontend::EXECUTE => {
+                let effects = self.bound_effects.take();
+                self.forward(&frame, Entry::with_effects(Expect::ExecuteDone, effects));
+            }
+            frontend::CLOSE => {
+                let target = Target::decode(frame.body())?;
+                if target.kind == frontend::TARGET_STATEMENT && !target.name.is_empty() {
+                    // Server-side statements are shared and kept; the client's name goes.
+                    self.statements.remove(target.name);
+                    self.pending
+                        .push(Entry::Local(LocalReply::CloseComplete), &mut self.cout);
+                } else {
+                    self.forward(&frame, Entry::forwarded(Expect::CloseComplete));
+                }
+            }
+            frontend::SYNC => self.forward(&frame, Entry::forwarded(Expect::Ready)),
+            frontend::FUNCTION_CALL => self.forward(&frame, Entry::forwarded(Expect::Ready)),
+            frontend::FLUSH | frontend::COPY_DATA => self.sout.extend_from_slice(frame.as_bytes()),
+            frontend::COPY_DONE | frontend::COPY_FAIL => self.forward(&frame, Entry::CopyEnd),
+            other => return Err(Error::UnexpectedMessage(other)),
+        }
+        Ok(())
+    }
+
+    fn forward(&mut self, frame: &Frame, entry: Entry) {
+        self.sout.extend_from_slice(frame.as_bytes());
+        self.pending.push(entry, &mut self.cout);
+    }
+
+    fn effects_of(&self, sql: &[u8]) -> Option<Effects> {
+        if !router::may_have_session_effects(sql) {
+            return None;
+        }
+        let sql = std::str::from_utf8(sql).ok()?;
+        let effects = self.shared.effects_cache.get_or_parse(sql);
+        (!effects.is_empty()).then_some(effects)
+    }
+
+    /// Records a client's named statement; returns its content hash.
+    fn remember(&mut self, frame: &Frame, parse: Parse<'_>) -> Result<u64> {
+        let max = self.shared.config.proxy.client_prepared_statements_max as usize;
+        if self.statements.len() >= max && !self.statements.contains_key(parse.name) {
+            return Err(Error::Unsupported(format!(
+                "too many prepared statements (client_prepared_statements_max = {max})"
+            )));
+        }
+        let effects = self.effects_of(parse.query);
+        let hash = XxHash3_64::oneshot(parse.definition);
+        let start = frame.as_bytes().len() - parse.definition.len();
+        let name = Bytes::copy_from_slice(parse.name);
+        let definition = frame.clone().into_bytes().slice(start..);
+        self.statements.insert(
+            name,
+            ClientStatement {
+                hash,
+                definition,
+                effects,
+            },
+        );
+        Ok(hash)
+    }
+
+    fn on_parse(&mut self, frame: &Frame) -> Result<()> {
+        let parse = Parse::decode(frame.body())?;
+        if parse.name.is_empty() {
+            self.unnamed_effects = self.effects_of(parse.query);
+            self.forward(frame, Entry::forwarded(Expect::ParseComplete));
+            return Ok(());
+        }
+        let hash = self.remember(frame, parse)?;
+        if self.conn().prepared.contains(hash) {
+            self.pending
+                .push(Entry::Local(LocalReply::ParseComplete), &mut self.cout);
+        } else {
+            let registers = self.register(hash);
+            frontend::encode_parse(&mut self.sout, &statement_name(hash), parse.definition);
+            self.pending.push(
+                Entry::registering(Expect::ParseComplete, registers),
+                &mut self.cout,
+            );
+        }
+        Ok(())
+    }
+
+    fn on_bind(&mut self, frame: &Frame) -> Result<()> {
+        let bind = Bind::decode(frame.body())?;
+        let entry = Entry::forwarded(Expect::BindComplete);
+        if bind.statement.is_empty() {
+            self.bound_effects = self.unnamed_effects.clone();
+            self.forward(frame, entry);
+            return Ok(());
+        }
+        self.bound_effects = self
+            .statements
+            .get(bind.statement)
+            .and_then(|s| s.effects.clone());
+        match self.prepare_named(frontend::TARGET_STATEMENT, bind.statement) {
+            Some(name) => {
+                frontend::encode_bind(&mut self.sout, bind.portal, &name, bind.rest);
+                self.pending.push(entry, &mut self.cout);
+            }
+            None => self.forward(frame, entry),
+        }
+        Ok(())
+    }
+
+    /// For a client's named statement: makes sure the server has it (sending
+    /// a Parse of our own if not) and returns its server-side name. `None` for
+    /// portals, the unnamed statement and names the client never prepared.
+    fn prepare_named(&mut self, kind: u8, name: &[u8]) -> Option<[u8; 19]> {
+        if kind != frontend::TARGET_STATEMENT || name.is_empty() {
+            return None;
+        }
+        let statement = self.statements.get(name)?;
+        let (hash, definition) = (statement.hash, statement.definition.clone());
+        if !self.conn().prepared.contains(hash) {
+            let registers = self.register(hash);
+            frontend::encode_parse(&mut self.sout, &statement_name(hash), &definition);
+            self.pending.push(
+                Entry::Injected {
+                    expect: Expect::ParseComplete,
+                    registers,
+                },
+                &mut self.cout,
+            );
+        }
+        Some(statement_name(hash))
+    }
+
+    /// Records that `hash` is being prepared on the server, closing the
+    /// oldest statement there if the per-connection maximum is reached.
+    fn register(&mut self, hash: u64) -> Option<u64> {
+        if self.pending.is_skipping() {
+            return None; // the server will skip this Parse
+        }
+        if let Some(evicted) = self.conn().prepared.insert(hash) {
+            frontend::encode_target(
+                &mut self.sout,
+                frontend::CLOSE,
+                frontend::TARGET_STATEMENT,
+                &statement_name(evicted),
+            );
+            self.pending.push(
+                Entry::Injected {
+                    expect: Expect::CloseComplete,
+                    registers: None,
+                },
+                &mut self.cout,
+            );
+        }
+        Some(hash)
+    }
+
+    fn process_server(&mut self) -> Result<()> {
+        let buffer_max = self.shared.config.proxy.buffer_bytes_max as usize;
+        let message_max = self.shared.config.proxy.message_bytes_max as usize;
+        loop {
+            let Some(conn) = self.server.as_deref_mut() else {
+                return Ok(());
+            };
+            if self.server_stream > 0 {
+                let n = self.server_stream.min(conn.buf.len());
+                if n == 0 {
+                    return Ok(());
+                }
+                self.cout.extend_from_slice(&conn.buf.split_to(n));
+                self.server_stream -= n;
+                continue;
+            }
+            if self.cout.len() >= buffer_max {
+                return Ok(());
+            }
+            let header = Header::peek(&conn.buf, FRAME_BYTES_MAX).map_err(|e| {
+                conn.broken = true;
+                Error::ServerProtocol(e.to_string())
+            })?;
+            let Some(header) = header else { return Ok(()) };
+            let frame_len = header.frame_len();
+            if (header.tag == backend::DATA_ROW || header.tag == backend::COPY_DATA)
+                && frame_len > STREAM_THRESHOLD
+                && self.pending.awaits_server()
+            {
+                self.server_stream = frame_len;
+                continue;
+            }
+            if frame_len - wire::HEADER_LEN > message_max {
+                conn.broken = true;
+                return Err(Error::ServerProtocol(format!(
+                    "message of {frame_len} bytes exceeds message_bytes_max"
+                )));
+            }
+            let Some(frame) =
+                Frame::decode(&mut conn.buf, FRAME_BYTES_MAX).expect("header checked")
+            else {
+                return Ok(());
+            };
+            let tag = frame.tag();
+            tracing::trace!(server = conn.cancel_key.process_id, tag = %(tag as char), "server frame");
+            if tag == backend::COMMAND_COMPLETE
+                && (self.pending.head_has_effects() || !self.txn_effects.is_empty())
+            {
+                self.on_command_complete(frame.body())?;
+            }
+            let conn = self
+                .server
+                .as_deref_mut()
+                .expect("checked at the top of the loop");
+            let d = self.pending.on_server_message(tag, &mut self.cout);
+            if d.unexpected {
+                conn.broken = true;
+                return Err(Error::ServerProtocol(format!(
+                    "unexpected message 0x{tag:02x} from the server"
+                )));
+            }
+            if d.forward {
+                self.cout.extend_from_slice(frame.as_bytes());
+            }
+            self.pending.drain_local(&mut self.cout);
+            for hash in d.unregistered {
+                conn.prepared.remove(hash);
+            }
+            match tag {
+                backend::ERROR_RESPONSE => self.error_in_batch = true,
+                backend::READY_FOR_QUERY => {
+                    let status = TransactionStatus::decode(frame.body())?;
+                    self.on_ready(status);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A statement completed: record what it did to the session. Settings
+    /// take effect for the client when their transaction commits; on the
+    /// server they are unknown from now until then (see [`params::executed`]).
+    fn on_command_complete(&mut self, body: &[u8]) -> Result<()> {
+        let tag = backend::command_tag(body)?;
+        if let Some(effect) = self.pending.take_effect(tag) {
+            let conn = self.server.as_deref_mut().expect("a reply came from it");
+            if params::executed(&effect, &mut conn.params) {
+                // Prepared statements go at once, whatever becomes of the transaction.
+                self.statements.clear();
+                conn.prepared.clear();
+            }
+            self.txn_effects.push(effect);
+        }
+        if !self.txn_effects.is_empty() {
+            match tag {
+                b"COMMIT" => self.commit_effects(),
+                b"ROLLBACK" => self.txn_effects.clear(),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_effects(&mut self) {
+        let conn = self.server.as_deref_mut().expect("a reply came from it");
+        for effect in self.txn_effects.drain(..) {
+            params::committed(
+                &effect,
+                &mut self.params,
+                &mut conn.params,
+                &self.startup_params,
+            );
+        }
+        self.params_dirty = self.params != conn.params;
+    }
+
+    /// ReadyForQuery: an implicit transaction ends here, committed unless it failed.
+    fn on_ready(&mut self, status: TransactionStatus) {
+        self.txn_status = status;
+        if status == TransactionStatus::Idle && !self.txn_effects.is_empty() {
+            if self.error_in_batch {
+                self.txn_effects.clear();
+            } else {
+                self.commit_effects();
+            }
+        }
+        self.error_in_batch = false;
+    }
+}

@@ -1,0 +1,114 @@
+//! Shared: what every session of one proxy process uses.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, DatabaseConfig, User};
+use crate::pool::{Pool, PoolSettings, Pools};
+use crate::server::ServerTarget;
+
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub users: HashMap<String, Arc<User>>,
+    pub pools: Pools,
+    pub cancels: CancelRegistry,
+    pub effects_cache: router::EffectsCache,
+    /// Per-process secret that makes SCRAM exchanges for unknown users look real.
+    pub mock_nonce: [u8; 32],
+    clients: AtomicU32,
+    next_process_id: AtomicI32,
+}
+
+impl Shared {
+    pub fn new(config: Arc<Config>) -> Shared {
+        let users = config
+            .users
+            .iter()
+            .map(|u| (u.name.clone(), Arc::new(User::from_config(u))))
+            .collect();
+        Shared {
+            config,
+            users,
+            pools: Pools::default(),
+            cancels: CancelRegistry::default(),
+            effects_cache: router::EffectsCache::new(10_000),
+            mock_nonce: rand::random(),
+            clients: AtomicU32::new(0),
+            next_process_id: AtomicI32::new(1),
+        }
+    }
+
+    pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
+        self.config.databases.iter().find(|d| d.name == name)
+    }
+
+    /// The pool for a client of `database` logged in as `user`.
+    pub fn pool(&self, database: &DatabaseConfig, user: &User) -> Arc<Pool> {
+        self.pools.get_or_create(&database.name, &user.name, || {
+            let p = &self.config.proxy;
+            let target = ServerTarget {
+                host: database.host.clone(),
+                port: database.port,
+                database: database
+                    .dbname
+                    .clone()
+                    .unwrap_or_else(|| database.name.clone()),
+                user: database
+                    .server_user
+                    .clone()
+                    .unwrap_or_else(|| user.name.clone()),
+                password: database
+                    .server_password
+                    .clone()
+                    .or_else(|| user.plain_password.clone()),
+                connect_timeout: p.connect_timeout,
+                message_bytes_max: p.message_bytes_max,
+            };
+            let settings = PoolSettings {
+                size: database.pool_size.unwrap_or(p.pool_size),
+                mode: database.pool_mode.unwrap_or(p.pool_mode),
+                checkout_timeout: p.checkout_timeout,
+                idle_timeout: p.server_idle_timeout,
+                lifetime: p.server_lifetime,
+                prepared_max: p.server_prepared_statements_max,
+            };
+            Pool::new(database.name.clone(), target, settings)
+        })
+    }
+
+    /// Takes a client slot; `None` when `max_client_connections` are in use.
+    pub fn admit_client(self: &Arc<Self>) -> Option<ClientSlot> {
+        let max = self.config.proxy.max_client_connections;
+        let admitted = self
+            .clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        admitted.then(|| ClientSlot(self.clone()))
+    }
+
+    pub fn client_count(&self) -> u32 {
+        self.clients.load(Ordering::Acquire)
+    }
+
+    /// A process id for BackendKeyData: the proxy's own, never a server's.
+    pub fn next_process_id(&self) -> i32 {
+        self.next_process_id
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(if n == i32::MAX { 1 } else { n + 1 })
+            })
+            .expect("closure always returns Some")
+    }
+}
+
+/// A counted client connection; the count drops with it.
+pub struct ClientSlot(Arc<Shared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}

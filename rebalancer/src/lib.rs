@@ -1,0 +1,1 @@
+//! Online partition moves between shards: plan, copy, catch up, fence, cut over, clean up. Filled in by the rebalancing issue.

@@ -1,0 +1,18 @@
+//! Statement parsing with PostgreSQL's own grammar (pg_query) and the decisions made from it.
+
+mod effects_cache;
+mod error;
+mod session_effect;
+
+pub use effects_cache::EffectsCache;
+pub use error::{Error, Result};
+pub use session_effect::{
+    may_have_session_effects, session_effects, try_session_effects, SessionEffect,
+};
+
+/// Whether `sql` is valid syntax for PostgreSQL's grammar. Used to answer a
+/// Parse without a server when the statement is known to parse, so that a
+/// syntax error is still reported at Parse time by the server itself.
+pub fn parses(sql: &str) -> bool {
+    pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).is_ok()
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: real PostgreSQL clusters (testkit) behind an in-process
+//! proxy, driven by tokio-postgres, raw protocol bytes, psql and pgbench.
+
+mod auth;
+mod harness;
+mod pooling;
+mod protocol;
+mod robustness;
+mod tools;

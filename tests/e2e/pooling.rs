@@ -1,0 +1,256 @@
+//! Transaction pooling: prepared statements and session settings follow the
+//! client across server connections; limits give clear errors.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::harness::{sqlstate, Env, Options};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_survive_100_transactions_over_2_connections() {
+    let env = Env::with(Options {
+        pool_size: 2,
+        ..Options::default()
+    })
+    .await;
+    let client = Arc::new(env.client().await);
+    let statement = client
+        .prepare("SELECT $1::int8 * 2, pg_backend_pid()")
+        .await
+        .unwrap();
+
+    // Other clients keep the pool busy so transactions land on either connection.
+    let mut noise = Vec::new();
+    for _ in 0..3 {
+        let other = env.client().await;
+        noise.push(tokio::spawn(async move {
+            let stmt = other
+                .prepare("SELECT pg_backend_pid(), $1::text")
+                .await
+                .unwrap();
+            for i in 0..100 {
+                other.query_one(&stmt, &[&format!("n{i}")]).await.unwrap();
+            }
+        }));
+    }
+
+    let mut pids = HashSet::new();
+    for i in 0..100i64 {
+        let row = client.query_one(&statement, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), i * 2);
+        pids.insert(row.get::<_, i32>(1));
+        // Inside an explicit transaction too.
+        client.batch_execute("BEGIN").await.unwrap();
+        let row = client.query_one(&statement, &[&(i + 1)]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), (i + 1) * 2);
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    for task in noise {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        pids.len(),
+        2,
+        "the statement ran on both server connections: {pids:?}"
+    );
+
+    // Close is answered locally; a new statement with the same name works.
+    drop(statement);
+    let again = client.prepare("SELECT $1::int8 * 3").await.unwrap();
+    assert_eq!(
+        client
+            .query_one(&again, &[&2i64])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        6
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_settings_follow_the_client_and_stay_private() {
+    let env = Env::with(Options {
+        pool_size: 2,
+        ..Options::default()
+    })
+    .await;
+    let setter = env.client().await;
+    let bystander = env.client().await;
+    setter
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS s1; SET search_path TO s1, public; SET application_name = 'setter'; \
+             SET TIME ZONE 'Asia/Tokyo'; SET statement_timeout = '7s'; SET DateStyle = 'German, DMY'",
+        )
+        .await
+        .unwrap();
+    let show = "SELECT current_setting('search_path'), current_setting('application_name'), \
+                current_setting('TimeZone'), current_setting('statement_timeout'), current_setting('DateStyle')";
+    let defaults = bystander.query_one(show, &[]).await.unwrap();
+    let defaults: Vec<String> = (0..5).map(|i| defaults.get(i)).collect();
+
+    for _ in 0..30 {
+        // Interleave so both clients use both server connections.
+        let (a, b) = tokio::join!(setter.query_one(show, &[]), bystander.query_one(show, &[]));
+        let a = a.unwrap();
+        let a: Vec<String> = (0..5).map(|i| a.get(i)).collect();
+        assert_eq!(
+            a,
+            ["s1, public", "setter", "Asia/Tokyo", "7s", "German, DMY"]
+        );
+        let b = b.unwrap();
+        let b: Vec<String> = (0..5).map(|i| b.get(i)).collect();
+        assert_eq!(b, defaults, "another client's settings never leak");
+    }
+
+    // RESET and SET inside a rolled-back transaction.
+    setter
+        .batch_execute("RESET statement_timeout")
+        .await
+        .unwrap();
+    setter
+        .batch_execute("BEGIN; SET application_name = 'rolled-back'; ROLLBACK")
+        .await
+        .unwrap();
+    setter.batch_execute("BEGIN").await.unwrap();
+    setter.batch_execute("SET TIME ZONE 'UTC'").await.unwrap();
+    setter.batch_execute("COMMIT").await.unwrap();
+    for _ in 0..10 {
+        let (a, _) = tokio::join!(setter.query_one(show, &[]), bystander.query_one(show, &[]));
+        let a = a.unwrap();
+        assert_eq!(a.get::<_, String>(1), "setter");
+        assert_eq!(a.get::<_, String>(2), "UTC");
+        assert_eq!(a.get::<_, String>(3), defaults[3]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_keeps_one_connection_and_resets_it() {
+    let env = Env::with(Options {
+        pool_size: 1,
+        pool_mode: "session",
+        ..Options::default()
+    })
+    .await;
+    let client = env.client().await;
+    client
+        .batch_execute("PREPARE q AS SELECT 5; SET application_name = 'sess'")
+        .await
+        .unwrap();
+    let pid1: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let five: i32 = client.query_one("EXECUTE q", &[]).await.unwrap().get(0);
+    assert_eq!(five, 5);
+    drop(client);
+
+    let next = env.client().await;
+    let row = crate::harness::eventually(Duration::from_secs(5), || async {
+        next.query_one("SELECT pg_backend_pid()", &[]).await.is_ok()
+    })
+    .await;
+    assert!(row);
+    let pid2: i32 = next
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pid1, pid2, "the one pooled connection is reused");
+    let err = next.query_one("EXECUTE q", &[]).await.unwrap_err();
+    assert_eq!(
+        sqlstate(&err),
+        "26000",
+        "DISCARD ALL dropped the previous session's statements"
+    );
+    let name: String = next
+        .query_one("SHOW application_name", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(name, "sess");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_clients_share_ten_connections() {
+    let env = Env::with(Options {
+        pool_size: 10,
+        proxy_extra: "checkout_timeout = \"60s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let url = env.url("trusted", "", "db");
+    let mut tasks = Vec::new();
+    for i in 0..500i32 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let row = client.query_one("SELECT $1::int4 + 1", &[&i]).await?;
+            Ok::<i32, tokio_postgres::Error>(row.get(0))
+        }));
+    }
+    let mut served = 0;
+    for (i, task) in tasks.into_iter().enumerate() {
+        let value = task.await.unwrap().expect("every client is served");
+        assert_eq!(value, i as i32 + 1);
+        served += 1;
+    }
+    assert_eq!(served, 500);
+
+    let direct = env.direct().await;
+    let backends: i64 = direct
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = 'postgres' AND backend_type = 'client backend'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        backends <= 11,
+        "at most the pool (10) plus this connection: {backends}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pool_and_client_cap_give_clear_errors() {
+    let env = Env::with(Options {
+        pool_size: 1,
+        proxy_extra: "checkout_timeout = \"300ms\"\nmax_client_connections = 3".into(),
+        ..Options::default()
+    })
+    .await;
+    let holder = env.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+
+    let waiter = env.client().await;
+    let err = waiter.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "53300");
+    let db = err.as_db_error().unwrap();
+    assert!(db.message().contains("pool exhausted"), "{}", db.message());
+    assert!(
+        db.message().contains("ms"),
+        "says how long it waited: {}",
+        db.message()
+    );
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    let one: i32 = waiter.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(
+        one, 1,
+        "the same client is served once a connection is free"
+    );
+
+    let _third = env.client().await;
+    let Err(err) = env
+        .connect_as("app", crate::harness::APP_PASSWORD, "db")
+        .await
+    else {
+        panic!("a fourth client is refused");
+    };
+    assert_eq!(sqlstate(&err), "53300");
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("max_client_connections"));
+}
