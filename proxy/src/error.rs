@@ -117,7 +117,7 @@ impl Error {
     pub fn is_fatal(&self) -> bool {
         !matches!(
             self,
-            Error::PoolExhausted { .. } | Error::ServerUnavailable { .. } | Error::Unsupported(_)
+            Error::PoolExhausted { .. } | Error::ServerUnavailable { .. }
         )
     }
 

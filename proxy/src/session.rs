@@ -321,7 +321,6 @@ impl Session {
 
     async fn on_client_frame(&mut self, frame: Frame) -> Result<()> {
         let tag = frame.tag();
-        tracing::trace!(client = ?self.cancel_target.lock().map(|t| t.map(|k| k.process_id)), tag = %(tag as char), body = ?String::from_utf8_lossy(&frame.body()[..frame.body().len().min(60)]), "client frame");
         if self.skipping_to_sync {
             if tag == frontend::SYNC {
                 self.skipping_to_sync = false;
@@ -608,7 +607,6 @@ impl Session {
                 return Ok(());
             };
             let tag = frame.tag();
-            tracing::trace!(server = conn.cancel_key.process_id, tag = %(tag as char), "server frame");
             if tag == backend::COMMAND_COMPLETE
                 && (self.pending.head_has_effects() || !self.txn_effects.is_empty())
             {

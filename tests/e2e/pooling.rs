@@ -254,3 +254,98 @@ async fn exhausted_pool_and_client_cap_give_clear_errors() {
         .message()
         .contains("max_client_connections"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_server_connections_are_replaced_not_handed_out() {
+    let env = Env::with(Options {
+        pool_size: 3,
+        ..Options::default()
+    })
+    .await;
+    let clients = [env.client().await, env.client().await, env.client().await];
+    // Fill the pool: three transactions at once need three server connections.
+    for c in &clients {
+        c.batch_execute("BEGIN").await.unwrap();
+        c.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    for c in &clients {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+
+    // Every pooled connection dies while idle, as in a server restart.
+    let direct = env.direct().await;
+    let killed: i64 = direct
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE usename = 'postgres' AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 3);
+    let gone = crate::harness::eventually(Duration::from_secs(10), || async {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'postgres' \
+                 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await;
+    assert!(gone);
+
+    // Every client is served at once by a fresh connection: no error, no timeout.
+    let started = std::time::Instant::now();
+    for c in &clients {
+        let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "no checkout timed out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_transaction_does_not_leak_it() {
+    let env = Env::with(Options {
+        pool_size: 1,
+        ..Options::default()
+    })
+    .await;
+    let setup = env.client().await;
+    setup
+        .batch_execute("CREATE TABLE leak_t (id int)")
+        .await
+        .unwrap();
+    let leaver = env.client().await;
+    leaver
+        .batch_execute("BEGIN; INSERT INTO leak_t VALUES (1)")
+        .await
+        .unwrap();
+    drop(leaver);
+
+    // The only server connection was in a transaction: it is closed, not reused.
+    let next = env.client().await;
+    let ok = crate::harness::eventually(Duration::from_secs(10), || async {
+        next.query_one("SELECT count(*) FROM leak_t", &[])
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(ok);
+    let row = next
+        .query_one("SELECT count(*) FROM leak_t", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i64>(0),
+        0,
+        "the abandoned insert is neither committed nor visible (not its transaction)"
+    );
+}
