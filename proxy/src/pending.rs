@@ -137,6 +137,13 @@ impl Pending {
         self.entries.is_empty()
     }
 
+    /// Whether the server connection is at a message boundary: nothing owed,
+    /// not skipping to a Sync after an error, not inside COPY FROM STDIN.
+    /// Only then may it be handed to another client.
+    pub fn is_idle(&self) -> bool {
+        self.entries.is_empty() && !self.skipping_to_sync && !self.copy_in_open
+    }
+
     /// Whether a Parse sent now would be skipped by the server.
     pub fn is_skipping(&self) -> bool {
         self.skipping_to_sync
@@ -241,6 +248,8 @@ impl Pending {
 
     fn on_error(&mut self, d: &mut Disposition) {
         d.forward = true;
+        // An error ends COPY FROM STDIN; the client's later Syncs count again.
+        self.copy_in_open = false;
         match self.entries.front() {
             // A simple Query or Sync goes on to ReadyForQuery after an error.
             Some(
@@ -418,6 +427,21 @@ mod tests {
         p.on_server_message(backend::COMMAND_COMPLETE, &mut out);
         p.on_server_message(backend::READY_FOR_QUERY, &mut out);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_connection_skipping_to_sync_or_in_copy_is_not_idle() {
+        let mut p = Pending::default();
+        let mut out = BytesMut::new();
+        p.push(fwd(Expect::ExecuteDone), &mut out);
+        p.on_server_message(backend::COPY_IN_RESPONSE, &mut out);
+        p.on_server_message(backend::ERROR_RESPONSE, &mut out);
+        assert!(p.is_empty());
+        assert!(!p.is_idle(), "the server still waits for a Sync");
+        p.push(Entry::CopyEnd, &mut out);
+        p.push(fwd(Expect::Ready), &mut out);
+        p.on_server_message(backend::READY_FOR_QUERY, &mut out);
+        assert!(p.is_idle());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use twox_hash::XxHash3_64;
@@ -207,7 +207,7 @@ impl Session {
         let Some(mut conn) = self.server.take() else {
             return;
         };
-        let clean = self.pending.is_empty()
+        let clean = self.pending.is_idle()
             && self.txn_status == TransactionStatus::Idle
             && self.server_stream == 0
             && self.client_stream == 0
@@ -228,7 +228,7 @@ impl Session {
             return;
         }
         let Some(conn) = &mut self.server else { return };
-        if self.pending.is_empty()
+        if self.pending.is_idle()
             && self.txn_status == TransactionStatus::Idle
             && self.server_stream == 0
             && self.client_stream == 0
@@ -251,7 +251,7 @@ impl Session {
             self.server = Some(conn);
             self.params_dirty = true;
         }
-        if self.params_dirty && self.pending.is_empty() {
+        if self.params_dirty && self.pending.is_idle() {
             self.params_dirty = false;
             let conn = self.server.as_mut().expect("attached above");
             let sql = params::sync_sql(&self.params, &conn.params);
@@ -287,7 +287,11 @@ impl Session {
                 if n == 0 {
                     return Ok(());
                 }
-                self.sout.extend_from_slice(&self.cbuf.split_to(n));
+                // CopyData outside a COPY is ignored, as PostgreSQL does.
+                if self.server.is_some() {
+                    self.sout.extend_from_slice(&self.cbuf[..n]);
+                }
+                self.cbuf.advance(n);
                 self.client_stream -= n;
                 continue;
             }
@@ -299,9 +303,6 @@ impl Session {
             };
             let frame_len = header.frame_len();
             if header.tag == frontend::COPY_DATA && frame_len > STREAM_THRESHOLD {
-                if self.server.is_none() {
-                    return Err(Error::UnexpectedMessage(header.tag));
-                }
                 self.client_stream = frame_len;
                 continue;
             }
@@ -575,7 +576,8 @@ impl Session {
                 if n == 0 {
                     return Ok(());
                 }
-                self.cout.extend_from_slice(&conn.buf.split_to(n));
+                self.cout.extend_from_slice(&conn.buf[..n]);
+                conn.buf.advance(n);
                 self.server_stream -= n;
                 continue;
             }
