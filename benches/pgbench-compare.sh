@@ -106,15 +106,6 @@ else
     as_service() { "$@"; }
 fi
 
-# --- Shardline binary --------------------------------------------------------
-
-if [[ -z ${SHARDLINE_BIN:-} ]]; then
-    log "building shardline (cargo build --release)"
-    (cd "$ROOT" && cargo build --release --bin shardline) >&2
-    SHARDLINE_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/shardline
-fi
-[[ -x $SHARDLINE_BIN ]] || die "no shardline binary at $SHARDLINE_BIN"
-
 # --- cleanup -----------------------------------------------------------------
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pgbench-compare.XXXXXX")
@@ -123,6 +114,7 @@ PG_PID=
 BOUNCER_PID=
 SHARDLINE_PID=
 PGBENCH_PID=
+BUILD_PID=
 
 # Sends `signal` to `pid` and waits up to `secs` for it to go, then SIGKILL.
 stop_pid() {
@@ -142,6 +134,8 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     stop_pid "$PGBENCH_PID" TERM 5 pgbench
+    # cargo and its rustc children share the process group setsid gave them.
+    [[ -n $BUILD_PID ]] && kill -TERM -- "-$BUILD_PID" 2>/dev/null
     stop_pid "$SHARDLINE_PID" TERM 10 shardline
     wait "$SHARDLINE_PID" 2>/dev/null
     stop_pid "$BOUNCER_PID" TERM 10 pgbouncer # SIGTERM: immediate shutdown
@@ -157,6 +151,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# --- Shardline binary --------------------------------------------------------
+
+if [[ -z ${SHARDLINE_BIN:-} ]]; then
+    log "building shardline (cargo build --release)"
+    (cd "$ROOT" && exec setsid cargo build --release --bin shardline) >&2 &
+    BUILD_PID=$!
+    wait "$BUILD_PID" || die "cargo build failed"
+    BUILD_PID=
+    SHARDLINE_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/shardline
+fi
+[[ -x $SHARDLINE_BIN ]] || die "no shardline binary at $SHARDLINE_BIN"
 
 # --- helpers -----------------------------------------------------------------
 

@@ -134,8 +134,9 @@ check('named_statements_from_several_clients', async () => {
             const values = [q.name === 'drv_concat' ? String(i) : i]
             let row
             if (i % 5 === 0) {
-              await client.query('BEGIN')
+              await client.query('BEGIN') // holds a server connection a moment
               row = (await client.query({ name: q.name, text: q.text, values })).rows[0]
+              await client.query('SELECT pg_sleep(0.005)')
               const again = (await client.query({ name: q.name, text: q.text, values })).rows[0]
               assert.deepEqual(again, row)
               await client.query('COMMIT')

@@ -184,15 +184,20 @@ def explicit_prepare_concurrent_clients():
         ("SELECT length(%s::text), pg_backend_pid()", lambda i: len(str(i))),
     ]
 
+    start = threading.Barrier(4)
+
     def worker(n):
         pids = set()
         with connect() as conn:
+            start.wait(10)  # all four clients run at the same time
             for i in range(60):
                 q, want = queries[(i + n) % 3]
                 args = (i, i) if q.count("%s") == 2 else ((str(i),) if "text" in q else (i,))
                 if i % 4 == 0:
+                    # Hold the server connection a moment, so the others have to use the other one.
                     with conn.transaction():
                         v, pid = conn.execute(q, args, prepare=True).fetchone()
+                        conn.execute("SELECT pg_sleep(0.005)")
                         v2, pid2 = conn.execute(q, args, prepare=True).fetchone()
                         assert (v2, pid2) == (v, pid)
                 else:
@@ -429,7 +434,7 @@ def copy_in_and_out():
             conn.execute(f"DROP TABLE IF EXISTS {table}")
 
 
-@check(known_bug="BUG-3")
+@check
 def copy_error_before_copy_done():
     # The server rejects a bad row as soon as it reads it and ends the COPY
     # (ErrorResponse, ReadyForQuery) while the client is still inside its COPY
@@ -475,7 +480,20 @@ def pipeline_and_executemany():
                     c.execute("SELECT %s::int * 10", (i,))
                     curs.append(c)
             assert [c.fetchone()[0] for c in curs] == [i * 10 for i in range(30)]
-            # Errors inside a pipeline: pipeline_error_before_sync below.
+            # An error inside a pipeline fails the rest of that pipeline only,
+            # whether the server reports it before or after the Sync is sent
+            # (pipeline_error_before_sync forces the former).
+            for _ in range(5):
+                try:
+                    with conn.pipeline():
+                        conn.execute("SELECT 1")
+                        conn.execute("SELECT 1 / 0")
+                        conn.execute("SELECT 2")
+                except errors.DivisionByZero:
+                    pass
+                else:
+                    raise AssertionError("pipeline error not raised")
+                assert conn.execute("SELECT 3").fetchone() == (3,)
             assert conn.execute("SELECT 3").fetchone() == (3,)
         finally:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
@@ -511,7 +529,7 @@ def simple_query_with_timeout(conn, sql, timeout=3.0):
     return [[last.get_value(i, j).decode() for j in range(last.nfields)] for i in range(last.ntuples)]
 
 
-@check(known_bug="BUG-1")
+@check
 def pipeline_error_before_sync():
     # psycopg's pipeline sends each query as it is executed; the server reports
     # an error at once, before the client's Sync. The server then ignores

@@ -349,3 +349,42 @@ async fn a_client_leaving_mid_transaction_does_not_leak_it() {
         "the abandoned insert is neither committed nor visible (not its transaction)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_options_and_application_name_apply_on_every_connection() {
+    let env = Env::with(Options {
+        pool_size: 2,
+        ..Options::default()
+    })
+    .await;
+    let url = format!(
+        "{}?application_name=from-startup&options=-c%20statement_timeout%3D4321",
+        env.url("app", crate::harness::APP_PASSWORD, "db")
+    );
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let plain = env.client().await;
+    let mut pids = HashSet::new();
+    for _ in 0..20 {
+        let (row, _) = tokio::join!(
+            client.query_one(
+                "SELECT current_setting('application_name'), current_setting('statement_timeout'), pg_backend_pid()",
+                &[]
+            ),
+            plain.query_one("SELECT pg_sleep(0.001)", &[])
+        );
+        let row = row.unwrap();
+        assert_eq!(row.get::<_, String>(0), "from-startup");
+        assert_eq!(row.get::<_, String>(1), "4321ms");
+        pids.insert(row.get::<_, i32>(2));
+    }
+    let other: String = plain
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(other, "0", "the other client keeps the server default");
+    assert!(!pids.is_empty());
+}
