@@ -130,6 +130,10 @@ pub struct Pending {
     /// The server started COPY FROM STDIN and the client has not ended it yet:
     /// its Syncs are ignored by the server.
     copy_in_open: bool,
+    /// Extended-protocol messages were sent and no Sync yet: the server may
+    /// have answered them all (after a Flush, say) but is still inside the
+    /// client's implicit transaction or portal.
+    unsynced: bool,
 }
 
 impl Pending {
@@ -141,7 +145,7 @@ impl Pending {
     /// not skipping to a Sync after an error, not inside COPY FROM STDIN.
     /// Only then may it be handed to another client.
     pub fn is_idle(&self) -> bool {
-        self.entries.is_empty() && !self.skipping_to_sync && !self.copy_in_open
+        self.entries.is_empty() && !self.skipping_to_sync && !self.copy_in_open && !self.unsynced
     }
 
     /// Whether a Parse sent now would be skipped by the server.
@@ -152,6 +156,9 @@ impl Pending {
     /// Queues an entry for a message just sent (or answered locally).
     /// Local replies due at once are appended to `out`.
     pub fn push(&mut self, entry: Entry, out: &mut bytes::BytesMut) {
+        if matches!(entry, Entry::Forwarded { .. } | Entry::Injected { .. }) {
+            self.unsynced = true; // cleared below if this is the Sync
+        }
         match &entry {
             Entry::Forwarded {
                 expect: Expect::Ready,
@@ -160,7 +167,10 @@ impl Pending {
             Entry::Forwarded {
                 expect: Expect::Ready,
                 ..
-            } => self.skipping_to_sync = false,
+            } => {
+                self.skipping_to_sync = false;
+                self.unsynced = false;
+            }
             Entry::CopyEnd if self.copy_in_open => {
                 self.copy_in_open = false;
                 return;
@@ -332,6 +342,7 @@ impl Pending {
         self.entries.clear();
         self.skipping_to_sync = false;
         self.copy_in_open = false;
+        self.unsynced = false;
     }
 }
 
@@ -439,6 +450,24 @@ mod tests {
         assert!(p.is_empty());
         assert!(!p.is_idle(), "the server still waits for a Sync");
         p.push(Entry::CopyEnd, &mut out);
+        p.push(fwd(Expect::Ready), &mut out);
+        p.on_server_message(backend::READY_FOR_QUERY, &mut out);
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn answered_but_unsynced_batches_keep_the_connection() {
+        let mut p = Pending::default();
+        let mut out = BytesMut::new();
+        p.push(fwd(Expect::BindComplete), &mut out);
+        p.push(fwd(Expect::ExecuteDone), &mut out); // then Flush, no Sync
+        p.on_server_message(backend::BIND_COMPLETE, &mut out);
+        p.on_server_message(backend::PORTAL_SUSPENDED, &mut out);
+        assert!(p.is_empty());
+        assert!(
+            !p.is_idle(),
+            "the portal and implicit transaction are still open"
+        );
         p.push(fwd(Expect::Ready), &mut out);
         p.on_server_message(backend::READY_FOR_QUERY, &mut out);
         assert!(p.is_idle());

@@ -203,7 +203,9 @@ impl Session {
 
     /// Hands the server connection back, or drops it if its state is unknown.
     async fn finish(&mut self) {
-        let _ = self.client.write_all(&self.cout).await;
+        // A client that stopped reading does not hold the session open.
+        let flush = self.client.write_all(&self.cout);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flush).await;
         let Some(mut conn) = self.server.take() else {
             return;
         };
