@@ -9,7 +9,7 @@
 # hold (TPS >= PgBouncer's, CPU per transaction <= PgBouncer's, in every row).
 # Everything started here is stopped by PID on exit, also on failure or Ctrl-C.
 #
-# Usage: benches/pgbench-compare.sh          (about 7 minutes with the defaults)
+# Usage: benches/pgbench-compare.sh          (about 4 minutes plus the build)
 #        DURATION=3 benches/pgbench-compare.sh   (quick check of the script)
 #
 # Environment (defaults in brackets):
@@ -305,6 +305,7 @@ listen = "127.0.0.1:${PORT[shardline]}"
 pool_mode = "transaction"
 pool_size = $POOL
 max_client_connections = 10000
+worker_threads = ${SHARDLINE_THREADS:-0}
 
 [[users]]
 name = "$DB_USER"

@@ -49,21 +49,35 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        match cli.command {
-            Command::Proxy { config } => run_proxy(config).await,
-            Command::Dev(args) => dev::run(args).await,
+    match cli.command {
+        Command::Proxy { config } => {
+            let config = proxy::Config::load(&config)
+                .with_context(|| format!("loading {}", config.display()))?;
+            runtime(config.proxy.worker_threads)?.block_on(run_proxy(config))
         }
-    })
+        Command::Dev(args) => runtime(0)?.block_on(dev::run(args)),
+    }
 }
 
-async fn run_proxy(path: PathBuf) -> anyhow::Result<()> {
-    let config =
-        proxy::Config::load(&path).with_context(|| format!("loading {}", path.display()))?;
+/// The async runtime: one thread per core by default, or as configured. One
+/// thread runs everything on the current thread, with no cross-thread wakeups.
+fn runtime(worker_threads: u32) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n as usize);
+            b
+        }
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn run_proxy(config: proxy::Config) -> anyhow::Result<()> {
     let listen = config.proxy.listen;
     let proxy = proxy::Proxy::bind(config)
         .await

@@ -38,6 +38,8 @@ pub enum PoolMode {
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
+    /// Accept queue length (capped by the kernel's somaxconn).
+    pub listen_backlog: u32,
     pub pool_mode: PoolMode,
     /// Server connections per (database, user) unless the database says otherwise.
     pub pool_size: u32,
@@ -66,12 +68,15 @@ pub struct ProxyConfig {
     pub server_prepared_statements_max: u32,
     /// Named prepared statements one client may hold.
     pub client_prepared_statements_max: u32,
+    /// Threads serving clients; 0 means one per CPU core.
+    pub worker_threads: u32,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            listen_backlog: 1024,
             pool_mode: PoolMode::Transaction,
             pool_size: 20,
             max_client_connections: 10_000,
@@ -84,6 +89,7 @@ impl Default for ProxyConfig {
             buffer_bytes_max: 256 << 10,
             server_prepared_statements_max: 1000,
             client_prepared_statements_max: 10_000,
+            worker_threads: 0,
         }
     }
 }

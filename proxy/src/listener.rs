@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use wire::backend::{self, TransactionStatus};
 use wire::{frontend, Frame, StartupRequest};
 
@@ -34,7 +34,17 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn bind(config: Config) -> std::io::Result<Proxy> {
-        let listener = TcpListener::bind(config.proxy.listen).await?;
+        let addr = config.proxy.listen;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        // A deep accept queue: a storm of connections must not lose SYNs (each
+        // lost one costs its client a one-second retransmit).
+        let listener = socket.listen(config.proxy.listen_backlog)?;
         Ok(Proxy {
             listener,
             shared: Arc::new(Shared::new(Arc::new(config))),

@@ -8,7 +8,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -226,20 +225,16 @@ impl ServerConn {
         })
     }
 
-    /// Whether an idle connection is still usable: no bytes pending (an idle
-    /// server only talks to say it is going away) and not closed. One
-    /// non-blocking peek, no round trip.
+    /// Whether an idle connection is still usable: not closed, and nothing
+    /// pending (an idle server only talks to say it is going away). Costs no
+    /// system call unless the event loop has seen the socket become readable
+    /// since the last read drained it, which is exactly when something arrived.
     pub fn is_idle_and_open(&self) -> bool {
-        use nix::sys::socket::{recv, MsgFlags};
-        let mut probe = [0u8; 1];
-        match recv(
-            self.stream.as_raw_fd(),
-            &mut probe,
-            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-        ) {
-            Err(nix::errno::Errno::EAGAIN) => !self.broken && self.buf.is_empty(),
-            _ => false,
+        if self.broken || !self.buf.is_empty() {
+            return false;
         }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Runs `sql` (simple protocol) on an idle connection and discards the

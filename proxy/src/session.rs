@@ -256,7 +256,11 @@ impl Session {
         if self.params_dirty && self.pending.is_idle() {
             self.params_dirty = false;
             let conn = self.server.as_mut().expect("attached above");
-            let sql = params::sync_sql(&self.params, &conn.params);
+            let sql = if self.params.is_empty() && conn.params.is_empty() {
+                String::new()
+            } else {
+                params::sync_sql(&self.params, &conn.params)
+            };
             if !sql.is_empty() {
                 let max = self.shared.config.proxy.message_bytes_max;
                 match conn.run_discarding(&sql, max).await {
