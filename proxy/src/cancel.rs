@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::server::CancelKey;
@@ -64,7 +64,16 @@ impl CancelRegistry {
             Ok(mut stream) => {
                 if let Err(e) = stream.write_all(&buf).await {
                     tracing::warn!(error = %e, "could not forward cancel request");
+                    return;
                 }
+                // PostgreSQL closes the connection once it has signalled the
+                // backend. Waiting for that before the client's cancel
+                // connection closes keeps a late signal from hitting the
+                // client's next query (libpq waits the same way).
+                let mut sink = [0u8; 64];
+                let drained =
+                    async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drained).await;
             }
             Err(e) => tracing::warn!(error = %e, "could not connect to forward cancel request"),
         }

@@ -111,6 +111,18 @@ impl Entry {
     }
 }
 
+impl Unsynced {
+    fn max_with(self, other: Unsynced) -> Unsynced {
+        if self == Unsynced::Open || other == Unsynced::Open {
+            Unsynced::Open
+        } else if self == Unsynced::Statements || other == Unsynced::Statements {
+            Unsynced::Statements
+        } else {
+            Unsynced::No
+        }
+    }
+}
+
 /// What to do with one server message.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Disposition {
@@ -132,8 +144,21 @@ pub struct Pending {
     copy_in_open: bool,
     /// Extended-protocol messages were sent and no Sync yet: the server may
     /// have answered them all (after a Flush, say) but is still inside the
-    /// client's implicit transaction or portal.
-    unsynced: bool,
+    /// client's implicit transaction.
+    unsynced: Unsynced,
+}
+
+/// What an extended-protocol batch without its Sync has left open on the server.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Unsynced {
+    #[default]
+    No,
+    /// Only named statements were parsed, described or closed: nothing the
+    /// client could lose if the proxy synced the batch itself.
+    Statements,
+    /// A portal, the unnamed statement or an executed command: only the
+    /// client's own Sync may end it.
+    Open,
 }
 
 impl Pending {
@@ -145,7 +170,26 @@ impl Pending {
     /// not skipping to a Sync after an error, not inside COPY FROM STDIN.
     /// Only then may it be handed to another client.
     pub fn is_idle(&self) -> bool {
-        self.entries.is_empty() && !self.skipping_to_sync && !self.copy_in_open && !self.unsynced
+        self.entries.is_empty()
+            && !self.skipping_to_sync
+            && !self.copy_in_open
+            && self.unsynced == Unsynced::No
+    }
+
+    /// Whether the server has answered a batch that only prepared, described
+    /// or closed named statements: the proxy may send a Sync of its own and
+    /// free the connection (asyncpg's prepare sends Parse, Describe, Flush and
+    /// may then idle for a long time).
+    pub fn can_sync_early(&self) -> bool {
+        self.entries.is_empty()
+            && !self.skipping_to_sync
+            && !self.copy_in_open
+            && self.unsynced == Unsynced::Statements
+    }
+
+    /// The batch now holds a portal, the unnamed statement or a command.
+    pub fn note_open(&mut self) {
+        self.unsynced = Unsynced::Open;
     }
 
     /// Whether a Parse sent now would be skipped by the server.
@@ -157,7 +201,8 @@ impl Pending {
     /// Local replies due at once are appended to `out`.
     pub fn push(&mut self, entry: Entry, out: &mut bytes::BytesMut) {
         if matches!(entry, Entry::Forwarded { .. } | Entry::Injected { .. }) {
-            self.unsynced = true; // cleared below if this is the Sync
+            // Cleared below if this is the Sync.
+            self.unsynced = self.unsynced.max_with(Unsynced::Statements);
         }
         match &entry {
             Entry::Forwarded {
@@ -167,9 +212,13 @@ impl Pending {
             Entry::Forwarded {
                 expect: Expect::Ready,
                 ..
+            }
+            | Entry::Injected {
+                expect: Expect::Ready,
+                ..
             } => {
                 self.skipping_to_sync = false;
-                self.unsynced = false;
+                self.unsynced = Unsynced::No;
             }
             Entry::CopyEnd if self.copy_in_open => {
                 self.copy_in_open = false;
@@ -342,7 +391,7 @@ impl Pending {
         self.entries.clear();
         self.skipping_to_sync = false;
         self.copy_in_open = false;
-        self.unsynced = false;
+        self.unsynced = Unsynced::No;
     }
 }
 

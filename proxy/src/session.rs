@@ -35,6 +35,17 @@ pub const STREAM_THRESHOLD: usize = 64 << 10;
 /// own ceiling for one message is 1 GB.
 const FRAME_BYTES_MAX: u32 = (1 << 30) - 1;
 
+/// Whether a Parse, Describe or Close touches the unnamed statement or a
+/// portal (state only the client's own Sync may end), not a named statement.
+fn opens_state(tag: u8, body: &[u8]) -> bool {
+    match tag {
+        frontend::PARSE => Parse::decode(body).map_or(true, |p| p.name.is_empty()),
+        _ => Target::decode(body).map_or(true, |t| {
+            t.kind == frontend::TARGET_PORTAL || t.name.is_empty()
+        }),
+    }
+}
+
 /// The client closed its side: fine between messages, a protocol error inside one.
 fn client_eof(cbuf: &BytesMut) -> Result<()> {
     if cbuf.is_empty() {
@@ -230,6 +241,18 @@ impl Session {
             return;
         }
         let Some(conn) = &mut self.server else { return };
+        if self.pending.can_sync_early() && self.txn_status == TransactionStatus::Idle {
+            // Free the connection once our own Sync is answered (swallowed).
+            frontend::encode_sync(&mut self.sout);
+            self.pending.push(
+                Entry::Injected {
+                    expect: Expect::Ready,
+                    registers: None,
+                },
+                &mut self.cout,
+            );
+            return;
+        }
         if self.pending.is_idle()
             && self.txn_status == TransactionStatus::Idle
             && self.server_stream == 0
@@ -393,6 +416,14 @@ impl Session {
                 backend::encode_ready_for_query(&mut self.cout, self.txn_status);
             }
             return Ok(());
+        }
+        if matches!(
+            tag,
+            frontend::BIND | frontend::EXECUTE | frontend::FUNCTION_CALL
+        ) || (tag == frontend::PARSE || tag == frontend::DESCRIBE || tag == frontend::CLOSE)
+            && opens_state(tag, frame.body())
+        {
+            self.pending.note_open();
         }
         match tag {
             frontend::QUERY => {

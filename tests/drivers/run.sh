@@ -42,6 +42,10 @@ log() { echo "== $*" >&2; }
 
 stop_dev() {
     [ -n "$DEV_PID" ] || return 0
+    # In case a script died while it had the postmaster paused.
+    if [ -n "${SHARDLINE_PG_PID:-}" ]; then
+        kill -CONT "$SHARDLINE_PG_PID" 2>/dev/null || true
+    fi
     if kill -0 "$DEV_PID" 2>/dev/null; then
         kill -TERM "$DEV_PID" 2>/dev/null || true
         for _ in $(seq 1 150); do
@@ -83,9 +87,9 @@ on_exit() {
         rm -rf "$DEV_DIR"
     fi
     if [ "$SUMMARY_READY" -ne 1 ]; then
-        # Setup failed (install, build or start) before any script ran.
-        PASSED=0
-        FAILED=$((FAILED > 0 ? FAILED : 1))
+        # Setup failed (install, build or start), or the run was interrupted:
+        # one more failure on top of what the scripts that ran reported.
+        FAILED=$((FAILED + 1))
         [ "$rc" -ne 0 ] || rc=1
     fi
     if [ "$XFAILED" -gt 0 ]; then
@@ -182,6 +186,12 @@ while [ -z "$URL" ]; do
     fi
 done
 log "proxy at ${URL%%:*}://...@${URL##*@}"
+# test_psycopg.py's cancel_returns_after_server_processed_it pauses the
+# postmaster for a second (SIGSTOP/SIGCONT) by this pid.
+PG_PID=$(head -n1 "$DEV_DIR/dev/pgdata/postmaster.pid" 2>/dev/null || true)
+if [[ "$PG_PID" =~ ^[0-9]+$ ]]; then
+    export SHARDLINE_PG_PID=$PG_PID
+fi
 
 # --- run the driver scripts --------------------------------------------------
 run_script() { # name, command...

@@ -194,17 +194,40 @@ async def prepared_statement_reused_across_servers():
             seen.add(row["pid"])
             last = row["pid"]
         assert len(seen) == 2
-        # A statement prepared while another server connection is in use.
-        stmt2 = await pins.off_server(last, lambda: conn.prepare("SELECT $1::text || 'z'"))
-        for i in range(4):
-            assert await pins.off_server(last, lambda: stmt2.fetchval(str(i))) == f"{i}z"
-            assert await pins.on_server(last, lambda: stmt2.fetchval(str(i))) == f"{i}z"
         # Cursor over a prepared statement (needs a transaction).
         async with conn.transaction():
             total = 0
             async for r in conn.cursor("SELECT g FROM generate_series(1, 500) g", prefetch=50):
                 total += r["g"]
         assert total == sum(range(1, 501))
+    finally:
+        await conn.close()
+        await pins.close()
+
+
+@check
+async def prepare_then_idle_holds_no_server():
+    # conn.prepare() sends Parse, Describe and Flush; asyncpg sends the Sync
+    # only with the statement's first execution. Nothing runs in between, so
+    # an idle client that has prepared a statement must not keep a server
+    # connection: with pool_size = 2, two other clients can still open
+    # transactions. Then the statement runs on either server connection.
+    pins = await Pins.open()
+    conn = await connect()
+    try:
+        stmt = await conn.prepare("SELECT $1::text || 'z' AS v, pg_backend_pid() AS pid")
+        row = await pins.off_server(-1, lambda: stmt.fetchrow("a"))
+        assert row["v"] == "az"
+        last = row["pid"]
+        for i in range(4):
+            row = await pins.off_server(last, lambda i=i: stmt.fetchrow(str(i)))
+            assert row["v"] == f"{i}z" and row["pid"] != last, (dict(row), last)
+            last = row["pid"]
+        # A statement prepared while the other server connection is in use.
+        stmt2 = await pins.off_server(last, lambda: conn.prepare("SELECT $1::int * 5"))
+        for i in range(3):
+            assert await pins.off_server(last, lambda i=i: stmt2.fetchval(i)) == i * 5
+            assert await pins.on_server(last, lambda i=i: stmt2.fetchval(i)) == i * 5
     finally:
         await conn.close()
         await pins.close()
@@ -413,6 +436,7 @@ async def session_settings():
             await pool.close()
     finally:
         await pins.close()
+
 
 
 @check

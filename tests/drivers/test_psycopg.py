@@ -7,13 +7,15 @@ several checks hold one server connection in an open transaction so that a
 client's next transaction has to land on the other one, and assert (with
 pg_backend_pid()) that it did.
 
-Prints one line per check and, last, `RESULT psycopg passed=N failed=M`.
+Prints one line per check and, last, `RESULT psycopg passed=N failed=M xfailed=K`.
 Exits non-zero when a check failed.
 """
 
 import io
 import os
 import select
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -568,7 +570,7 @@ def pipeline_error_before_sync():
         other.close()
 
 
-@check(known_bug="BUG-2")
+@check
 def pipeline_fetch_keeps_server():
     # Fetching a result inside a pipeline sends Flush, not Sync: the INSERT's
     # implicit transaction is still open on the server, so no other client
@@ -605,6 +607,7 @@ def server_side_cursor():
             assert cur.fetchmany(10) == [(i,) for i in range(1, 11)]
             assert sum(r[0] for r in cur) == sum(range(11, 1001))
         conn.commit()
+
 
 
 def _cancel_sleep(conn, cancel, after=0.5, sql="SELECT pg_sleep(30)"):
@@ -679,6 +682,64 @@ def cancel_of_idle_client_does_not_hit_others():
             assert b.execute("SELECT 4").fetchone() == (4,)
     finally:
         pins.close()
+
+
+@check
+def cancel_returns_after_server_processed_it():
+    # libpq's PQcancel (conn.cancel()) returns when the server closes the
+    # cancel connection, i.e. once PostgreSQL has signalled the backend.
+    # PostgreSQL signals it twice (the process, then its process group), so a
+    # client that goes on earlier can have its next query, or through a
+    # pool another client's query, canceled by the second signal. To see
+    # whether the proxy waits for PostgreSQL, PostgreSQL's postmaster is
+    # paused (SIGSTOP, then SIGCONT) while the cancel is sent: cancel() must
+    # not return before the postmaster runs again. run.sh passes the
+    # postmaster's pid in SHARDLINE_PG_PID; without it this check is skipped.
+    pg_pid = os.environ.get("SHARDLINE_PG_PID")
+    if not pg_pid:
+        print("  (skipped: SHARDLINE_PG_PID not set)", flush=True)
+        return
+    pg_pid = int(pg_pid)
+    paused_for = 1.0
+    with connect() as conn:
+        out = {}
+
+        def sleeper():
+            try:
+                conn.execute("SELECT pg_sleep(30)")
+                out["exc"] = None
+            except Exception as e:  # noqa: BLE001
+                out["exc"] = e
+
+        def canceller():
+            conn.cancel()
+            out["cancel_returned"] = time.monotonic()
+
+        q = threading.Thread(target=sleeper, daemon=True)
+        q.start()
+        time.sleep(0.3)
+        c = threading.Thread(target=canceller, daemon=True)
+        # The postmaster is resumed by a separate process: conn.cancel() may
+        # block this whole interpreter (libpq's PQcancel can hold the GIL).
+        resumer = subprocess.Popen(
+            ["sh", "-c", f"sleep {paused_for}; kill -CONT {pg_pid}"], start_new_session=True)
+        os.kill(pg_pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            c.start()
+            resumer.wait(paused_for + 10)
+        finally:
+            os.kill(pg_pid, signal.SIGCONT)
+        c.join(10)
+        q.join(10)
+        assert not c.is_alive() and not q.is_alive(), "the cancel did not complete after the postmaster resumed"
+        assert isinstance(out["exc"], errors.QueryCanceled), f"expected QueryCanceled, got {out['exc']!r}"
+        waited = out["cancel_returned"] - t0
+        assert waited >= paused_for / 2, (
+            f"conn.cancel() returned {waited:.3f} s after it was called, while PostgreSQL's postmaster "
+            f"was paused for {paused_for} s: the proxy ended the client's cancel connection before "
+            f"PostgreSQL had processed the CancelRequest")
+        assert conn.execute("SELECT 5").fetchone() == (5,)
 
 
 @check

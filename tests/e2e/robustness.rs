@@ -117,3 +117,72 @@ async fn bad_frames_get_08p01_and_others_carry_on() {
     assert_eq!(one, 1);
     bystander.batch_execute("COMMIT").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_only_prepared_does_not_hold_the_connection() {
+    let env = Env::with(crate::harness::Options {
+        pool_size: 1,
+        ..Default::default()
+    })
+    .await;
+    // Parse + Describe + Flush, as asyncpg prepares, then idle: no Sync.
+    let mut a = raw_login(&env).await;
+    let mut out = BytesMut::new();
+    let frontend = |out: &mut BytesMut| {
+        use postgres_protocol::message::frontend as f;
+        f::parse("stmt_a", "SELECT $1::int4 + 1", [23], out).unwrap();
+        f::describe(b'S', "stmt_a", out).unwrap();
+        f::flush(out);
+    };
+    frontend(&mut out);
+    a.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let mut tags = Vec::new();
+    while tags.last() != Some(&b'T') {
+        tags.push(read_frame(&mut a, &mut buf).await.unwrap().tag());
+    }
+    assert_eq!(tags, b"1tT");
+
+    // The only server connection is free for someone else.
+    let b = env.client().await;
+    let two: i32 = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        b.query_one("SELECT 2", &[]),
+    )
+    .await
+    .expect("not blocked behind the idle client")
+    .unwrap()
+    .get(0);
+    assert_eq!(two, 2);
+
+    // And the prepared statement still works for the first client.
+    out.clear();
+    postgres_protocol::message::frontend::bind(
+        "",
+        "stmt_a",
+        [1],
+        [41i32],
+        |v, buf| {
+            buf.extend_from_slice(&v.to_be_bytes());
+            Ok(postgres_protocol::IsNull::No)
+        },
+        [1],
+        &mut out,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    postgres_protocol::message::frontend::execute("", 0, &mut out).unwrap();
+    postgres_protocol::message::frontend::sync(&mut out);
+    a.write_all(&out).await.unwrap();
+    let mut value = None;
+    loop {
+        let frame = read_frame(&mut a, &mut buf).await.unwrap();
+        match frame.tag() {
+            b'D' => value = Some(i32::from_be_bytes(frame.body()[6..10].try_into().unwrap())),
+            b'Z' => break,
+            b'E' => panic!("error: {:?}", ErrorFields::decode(frame.body())),
+            _ => {}
+        }
+    }
+    assert_eq!(value, Some(42));
+}
