@@ -640,16 +640,18 @@ impl Session {
                     "message of {frame_len} bytes exceeds message_bytes_max"
                 )));
             }
-            let Some(frame) =
-                Frame::decode(&mut conn.buf, FRAME_BYTES_MAX).expect("header checked")
-            else {
+            if conn.buf.len() < frame_len {
+                conn.buf.reserve(frame_len - conn.buf.len());
                 return Ok(());
-            };
-            let tag = frame.tag();
+            }
+            // Replies are looked at in place and copied out; nothing is
+            // allocated or reference-counted per message.
+            let tag = header.tag;
             if tag == backend::COMMAND_COMPLETE
                 && (self.pending.head_has_effects() || !self.txn_effects.is_empty())
             {
-                self.on_command_complete(frame.body())?;
+                let body = conn.buf[wire::HEADER_LEN..frame_len].to_vec();
+                self.on_command_complete(&body)?;
             }
             let conn = self
                 .server
@@ -663,19 +665,24 @@ impl Session {
                 )));
             }
             if d.forward {
-                self.cout.extend_from_slice(frame.as_bytes());
+                self.cout.extend_from_slice(&conn.buf[..frame_len]);
             }
+            let status = match tag {
+                backend::READY_FOR_QUERY => Some(TransactionStatus::decode(
+                    &conn.buf[wire::HEADER_LEN..frame_len],
+                )?),
+                _ => None,
+            };
+            conn.buf.advance(frame_len);
             self.pending.drain_local(&mut self.cout);
             for hash in d.unregistered {
                 conn.prepared.remove(hash);
             }
-            match tag {
-                backend::ERROR_RESPONSE => self.error_in_batch = true,
-                backend::READY_FOR_QUERY => {
-                    let status = TransactionStatus::decode(frame.body())?;
-                    self.on_ready(status);
-                }
-                _ => {}
+            if tag == backend::ERROR_RESPONSE {
+                self.error_in_batch = true;
+            }
+            if let Some(status) = status {
+                self.on_ready(status);
             }
         }
     }
