@@ -107,6 +107,9 @@ fn identifier(s: &str) -> String {
 /// The SQL that brings a server's parameters to the client's; empty if equal.
 pub fn sync_sql(client: &ParamState, server: &ParamState) -> String {
     let mut sql = String::new();
+    if client.is_empty() && server.is_empty() {
+        return sql; // the common case, on every checkout
+    }
     for (name, statement) in client {
         if server.get(name) != Some(statement) {
             sql.push_str(statement);

@@ -111,18 +111,6 @@ impl Entry {
     }
 }
 
-impl Unsynced {
-    fn max_with(self, other: Unsynced) -> Unsynced {
-        if self == Unsynced::Open || other == Unsynced::Open {
-            Unsynced::Open
-        } else if self == Unsynced::Statements || other == Unsynced::Statements {
-            Unsynced::Statements
-        } else {
-            Unsynced::No
-        }
-    }
-}
-
 /// What to do with one server message.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Disposition {
@@ -148,8 +136,9 @@ pub struct Pending {
     unsynced: Unsynced,
 }
 
-/// What an extended-protocol batch without its Sync has left open on the server.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What an extended-protocol batch without its Sync has left open on the
+/// server, in increasing order: a batch is as open as its most open message.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Unsynced {
     #[default]
     No,
@@ -166,14 +155,17 @@ impl Pending {
         self.entries.is_empty()
     }
 
-    /// Whether the server connection is at a message boundary: nothing owed,
-    /// not skipping to a Sync after an error, not inside COPY FROM STDIN.
-    /// Only then may it be handed to another client.
+    /// Whether the server has answered everything and is neither skipping to
+    /// a Sync after an error nor inside COPY FROM STDIN.
+    fn answered(&self) -> bool {
+        self.entries.is_empty() && !self.skipping_to_sync && !self.copy_in_open
+    }
+
+    /// Whether the server connection is at a message boundary: answered, and
+    /// no extended-protocol batch waits for its Sync. Only then may it be
+    /// handed to another client.
     pub fn is_idle(&self) -> bool {
-        self.entries.is_empty()
-            && !self.skipping_to_sync
-            && !self.copy_in_open
-            && self.unsynced == Unsynced::No
+        self.answered() && self.unsynced == Unsynced::No
     }
 
     /// Whether the server has answered a batch that only prepared, described
@@ -181,10 +173,7 @@ impl Pending {
     /// free the connection (asyncpg's prepare sends Parse, Describe, Flush and
     /// may then idle for a long time).
     pub fn can_sync_early(&self) -> bool {
-        self.entries.is_empty()
-            && !self.skipping_to_sync
-            && !self.copy_in_open
-            && self.unsynced == Unsynced::Statements
+        self.answered() && self.unsynced == Unsynced::Statements
     }
 
     /// The batch now holds a portal, the unnamed statement or a command.
@@ -202,7 +191,7 @@ impl Pending {
     pub fn push(&mut self, entry: Entry, out: &mut bytes::BytesMut) {
         if matches!(entry, Entry::Forwarded { .. } | Entry::Injected { .. }) {
             // Cleared below if this is the Sync.
-            self.unsynced = self.unsynced.max_with(Unsynced::Statements);
+            self.unsynced = self.unsynced.max(Unsynced::Statements);
         }
         match &entry {
             Entry::Forwarded {
@@ -520,6 +509,22 @@ mod tests {
         p.push(fwd(Expect::Ready), &mut out);
         p.on_server_message(backend::READY_FOR_QUERY, &mut out);
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn statement_only_batches_may_be_synced_early() {
+        let mut p = Pending::default();
+        let mut out = BytesMut::new();
+        p.push(fwd(Expect::ParseComplete), &mut out);
+        p.push(fwd(Expect::Description), &mut out); // then Flush, no Sync
+        p.on_server_message(backend::PARSE_COMPLETE, &mut out);
+        p.on_server_message(backend::ROW_DESCRIPTION, &mut out);
+        assert!(!p.is_idle());
+        assert!(p.can_sync_early());
+        p.push(fwd(Expect::BindComplete), &mut out);
+        p.note_open();
+        p.on_server_message(backend::BIND_COMPLETE, &mut out);
+        assert!(!p.can_sync_early(), "a portal is open");
     }
 
     #[test]

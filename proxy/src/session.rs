@@ -35,17 +35,6 @@ pub const STREAM_THRESHOLD: usize = 64 << 10;
 /// own ceiling for one message is 1 GB.
 const FRAME_BYTES_MAX: u32 = (1 << 30) - 1;
 
-/// Whether a Parse, Describe or Close touches the unnamed statement or a
-/// portal (state only the client's own Sync may end), not a named statement.
-fn opens_state(tag: u8, body: &[u8]) -> bool {
-    match tag {
-        frontend::PARSE => Parse::decode(body).map_or(true, |p| p.name.is_empty()),
-        _ => Target::decode(body).map_or(true, |t| {
-            t.kind == frontend::TARGET_PORTAL || t.name.is_empty()
-        }),
-    }
-}
-
 /// The client closed its side: fine between messages, a protocol error inside one.
 fn client_eof(cbuf: &BytesMut) -> Result<()> {
     if cbuf.is_empty() {
@@ -220,11 +209,7 @@ impl Session {
         let Some(mut conn) = self.server.take() else {
             return;
         };
-        let clean = self.pending.is_idle()
-            && self.txn_status == TransactionStatus::Idle
-            && self.server_stream == 0
-            && self.client_stream == 0
-            && conn.buf.is_empty();
+        let clean = self.at_boundary() && conn.buf.is_empty();
         if !clean {
             conn.broken = true;
         } else if self.mode == PoolMode::Session {
@@ -240,7 +225,9 @@ impl Session {
         if self.mode != PoolMode::Transaction {
             return;
         }
-        let Some(conn) = &mut self.server else { return };
+        if self.server.is_none() {
+            return;
+        }
         if self.pending.can_sync_early() && self.txn_status == TransactionStatus::Idle {
             // Free the connection once our own Sync is answered (swallowed).
             frontend::encode_sync(&mut self.sout);
@@ -253,19 +240,24 @@ impl Session {
             );
             return;
         }
-        if self.pending.is_idle()
+        if self.at_boundary() && self.sout.is_empty() {
+            if let Some(mut conn) = self.server.take() {
+                if !conn.buf.is_empty() {
+                    // Bytes nobody asked for: the connection is out of step.
+                    conn.broken = true;
+                }
+            }
+            *self.cancel_target.lock().expect("lock poisoned") = None;
+        }
+    }
+
+    /// Whether the server connection is between transactions with nothing in
+    /// flight in either direction: the only state in which it may be reused.
+    fn at_boundary(&self) -> bool {
+        self.pending.is_idle()
             && self.txn_status == TransactionStatus::Idle
             && self.server_stream == 0
             && self.client_stream == 0
-            && self.sout.is_empty()
-        {
-            if !conn.buf.is_empty() {
-                // Bytes nobody asked for: the connection is out of step.
-                conn.broken = true;
-            }
-            *self.cancel_target.lock().expect("lock poisoned") = None;
-            self.server = None;
-        }
     }
 
     /// Makes sure a server connection is attached, with the client's parameters.
@@ -279,11 +271,7 @@ impl Session {
         if self.params_dirty && self.pending.is_idle() {
             self.params_dirty = false;
             let conn = self.server.as_mut().expect("attached above");
-            let sql = if self.params.is_empty() && conn.params.is_empty() {
-                String::new()
-            } else {
-                params::sync_sql(&self.params, &conn.params)
-            };
+            let sql = params::sync_sql(&self.params, &conn.params);
             if !sql.is_empty() {
                 let max = self.shared.config.proxy.message_bytes_max;
                 match conn.run_discarding(&sql, max).await {
@@ -417,14 +405,6 @@ impl Session {
             }
             return Ok(());
         }
-        if matches!(
-            tag,
-            frontend::BIND | frontend::EXECUTE | frontend::FUNCTION_CALL
-        ) || (tag == frontend::PARSE || tag == frontend::DESCRIBE || tag == frontend::CLOSE)
-            && opens_state(tag, frame.body())
-        {
-            self.pending.note_open();
-        }
         match tag {
             frontend::QUERY => {
                 let effects = self.effects_of(frontend::query_text(frame.body())?);
@@ -434,6 +414,9 @@ impl Session {
             frontend::BIND => self.on_bind(&frame)?,
             frontend::DESCRIBE => {
                 let target = Target::decode(frame.body())?;
+                if target.kind == frontend::TARGET_PORTAL || target.name.is_empty() {
+                    self.pending.note_open();
+                }
                 let entry = Entry::forwarded(Expect::Description);
                 match self.prepare_named(target.kind, target.name) {
                     Some(name) => {
@@ -449,6 +432,7 @@ impl Session {
                 }
             }
             frontend::EXECUTE => {
+                self.pending.note_open();
                 let effects = self.bound_effects.take();
                 self.forward(&frame, Entry::with_effects(Expect::ExecuteDone, effects));
             }
@@ -460,6 +444,7 @@ impl Session {
                     self.pending
                         .push(Entry::Local(LocalReply::CloseComplete), &mut self.cout);
                 } else {
+                    self.pending.note_open(); // a portal or the unnamed statement
                     self.forward(&frame, Entry::forwarded(Expect::CloseComplete));
                 }
             }
@@ -513,6 +498,7 @@ impl Session {
     fn on_parse(&mut self, frame: &Frame) -> Result<()> {
         let parse = Parse::decode(frame.body())?;
         if parse.name.is_empty() {
+            self.pending.note_open(); // the unnamed statement lives until the Sync
             self.unnamed_effects = self.effects_of(parse.query);
             self.forward(frame, Entry::forwarded(Expect::ParseComplete));
             return Ok(());
@@ -534,6 +520,7 @@ impl Session {
 
     fn on_bind(&mut self, frame: &Frame) -> Result<()> {
         let bind = Bind::decode(frame.body())?;
+        self.pending.note_open(); // a portal
         let entry = Entry::forwarded(Expect::BindComplete);
         if bind.statement.is_empty() {
             self.bound_effects = self.unnamed_effects.clone();

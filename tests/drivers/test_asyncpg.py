@@ -18,27 +18,18 @@ import io
 import os
 import sys
 import time
-import traceback
 import uuid
 from decimal import Decimal
 
 import asyncpg
 
+import checks
+from checks import CHECK_TIMEOUT, CHECKS, check
+
 URL = sys.argv[1] if len(sys.argv) > 1 else os.environ["SHARDLINE_URL"]
 SUFFIX = uuid.uuid4().hex[:8]
-CHECK_TIMEOUT = 60  # seconds; a hung check is reported and the run goes on
-CHECKS = []
 
 
-def check(fn=None, *, known_bug=None):
-    """Registers a check. `known_bug`: a proxy bug the check is known to hit
-    (see tests/drivers/KNOWN_BUGS.md); its failure is reported as XFAIL and
-    not counted, unless DRIVERS_STRICT=1."""
-    def register(fn):
-        fn.known_bug = known_bug
-        CHECKS.append(fn)
-        return fn
-    return register(fn) if fn is not None else register
 
 
 async def connect(**kwargs):
@@ -502,40 +493,27 @@ async def server_side_query_cancel_error():
         await conn.close()
 
 
-async def run_all():
-    strict = os.environ.get("DRIVERS_STRICT") == "1"
-    passed = failed = xfailed = 0
+async def run_all(results):
     print(f"asyncpg {asyncpg.__version__}", flush=True)
     for fn in CHECKS:
-        t0 = time.monotonic()
+        started = time.monotonic()
         try:
             await asyncio.wait_for(fn(), timeout=CHECK_TIMEOUT)
         except BaseException as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise
-            took = time.monotonic() - t0
+            took = time.monotonic() - started
             if isinstance(e, (asyncio.TimeoutError, TimeoutError)) and took >= CHECK_TIMEOUT - 1:
                 print(f"  {fn.__name__} still running after {CHECK_TIMEOUT} s", flush=True)
-            if fn.known_bug and not strict:
-                xfailed += 1
-                print(f"XFAIL asyncpg {fn.__name__} ({took:.1f}s): known proxy bug {fn.known_bug}", flush=True)
-            else:
-                failed += 1
-                print(f"FAIL asyncpg {fn.__name__} ({took:.1f}s)", flush=True)
-            traceback.print_exc(file=sys.stdout)
-            sys.stdout.flush()
+            results.record(fn, started, e)
         else:
-            passed += 1
-            note = f" (XPASS: known bug {fn.known_bug} did not show; fixed?)" if fn.known_bug else ""
-            print(f"ok   asyncpg {fn.__name__} ({time.monotonic() - t0:.1f}s){note}", flush=True)
-    print(f"RESULT asyncpg passed={passed} failed={failed} xfailed={xfailed}", flush=True)
-    return failed
+            results.record(fn, started)
 
 
 def main():
-    failed = asyncio.run(run_all())
-    sys.stdout.flush()
-    os._exit(1 if failed else 0)
+    results = checks.Results("asyncpg")
+    asyncio.run(run_all(results))
+    results.finish()
 
 
 if __name__ == "__main__":

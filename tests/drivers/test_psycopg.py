@@ -25,25 +25,17 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import psycopg
+
+import checks
+from checks import CHECK_TIMEOUT, CHECKS, check
 from psycopg import errors, pq
 
 URL = sys.argv[1] if len(sys.argv) > 1 else os.environ["SHARDLINE_URL"]
 SUFFIX = uuid.uuid4().hex[:8]
-CHECKS = []
 
 
-CHECK_TIMEOUT = 60  # seconds; a hung check is reported and the run goes on
 
 
-def check(fn=None, *, known_bug=None):
-    """Registers a check. `known_bug`: a proxy bug the check is known to hit
-    (see tests/drivers/KNOWN_BUGS.md); its failure is reported as XFAIL and
-    not counted, unless DRIVERS_STRICT=1."""
-    def register(fn):
-        fn.known_bug = known_bug
-        CHECKS.append(fn)
-        return fn
-    return register(fn) if fn is not None else register
 
 
 def connect(**kwargs):
@@ -782,30 +774,17 @@ def run_with_timeout(fn):
 
 
 def main():
-    strict = os.environ.get("DRIVERS_STRICT") == "1"
-    passed = failed = xfailed = 0
+    results = checks.Results("psycopg")
     print(f"psycopg {psycopg.__version__}, libpq {pq.version()} ({pq.__impl__})", flush=True)
     for fn in CHECKS:
-        t0 = time.monotonic()
+        started = time.monotonic()
         try:
             run_with_timeout(fn)
-        except BaseException:  # noqa: BLE001
-            took = time.monotonic() - t0
-            if fn.known_bug and not strict:
-                xfailed += 1
-                print(f"XFAIL psycopg {fn.__name__} ({took:.1f}s): known proxy bug {fn.known_bug}", flush=True)
-            else:
-                failed += 1
-                print(f"FAIL psycopg {fn.__name__} ({took:.1f}s)", flush=True)
-            traceback.print_exc(file=sys.stdout)
-            sys.stdout.flush()
+        except BaseException as e:  # noqa: BLE001
+            results.record(fn, started, e)
         else:
-            passed += 1
-            note = f" (XPASS: known bug {fn.known_bug} did not show; fixed?)" if fn.known_bug else ""
-            print(f"ok   psycopg {fn.__name__} ({time.monotonic() - t0:.1f}s){note}", flush=True)
-    print(f"RESULT psycopg passed={passed} failed={failed} xfailed={xfailed}", flush=True)
-    # Threads of a hung check may still hold connections: do not wait for them.
-    os._exit(1 if failed else 0)
+            results.record(fn, started)
+    results.finish()
 
 
 if __name__ == "__main__":

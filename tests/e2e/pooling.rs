@@ -274,26 +274,10 @@ async fn dead_server_connections_are_replaced_not_handed_out() {
 
     // Every pooled connection dies while idle, as in a server restart.
     let direct = env.direct().await;
-    let killed: i64 = direct
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE usename = 'postgres' AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let killed = pooled_backends(&direct, "pg_terminate_backend(pid)").await;
     assert_eq!(killed, 3);
     let gone = crate::harness::eventually(Duration::from_secs(10), || async {
-        let n: i64 = direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'postgres' \
-                 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let n = pooled_backends(&direct, "*").await;
         n == 0
     })
     .await;
@@ -387,4 +371,14 @@ async fn startup_options_and_application_name_apply_on_every_connection() {
         .get(0);
     assert_eq!(other, "0", "the other client keeps the server default");
     assert!(!pids.is_empty());
+}
+
+/// `count(expr)` over the server connections the proxy opened (user
+/// `postgres`), leaving out the calling connection.
+async fn pooled_backends(direct: &tokio_postgres::Client, expr: &str) -> i64 {
+    let sql = format!(
+        "SELECT count({expr}) FROM pg_stat_activity WHERE usename = 'postgres' \
+         AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    );
+    direct.query_one(&sql, &[]).await.unwrap().get(0)
 }
