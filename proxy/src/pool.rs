@@ -27,10 +27,12 @@ pub struct ServerManager {
 }
 
 impl bb8::ManageConnection for ServerManager {
-    type Connection = ServerConn;
+    /// Boxed so that handing a connection around (idle queue, checkout,
+    /// session) moves a pointer, not the whole connection state.
+    type Connection = Box<ServerConn>;
     type Error = Error;
 
-    async fn connect(&self) -> Result<ServerConn> {
+    async fn connect(&self) -> Result<Box<ServerConn>> {
         match ServerConn::connect(&self.target, self.prepared_max).await {
             Ok(conn) => {
                 tracing::debug!(database = %self.target.database, "new server connection");
@@ -38,7 +40,7 @@ impl bb8::ManageConnection for ServerManager {
                 if params.is_none() {
                     *params = Some(conn.login_params.clone());
                 }
-                Ok(conn)
+                Ok(Box::new(conn))
             }
             Err(e) => {
                 tracing::warn!(database = %self.target.database, error = %e, "server connection failed");
@@ -51,7 +53,7 @@ impl bb8::ManageConnection for ServerManager {
         }
     }
 
-    async fn is_valid(&self, conn: &mut ServerConn) -> Result<()> {
+    async fn is_valid(&self, conn: &mut Box<ServerConn>) -> Result<()> {
         if conn.is_idle_and_open() {
             Ok(())
         } else {
@@ -61,7 +63,7 @@ impl bb8::ManageConnection for ServerManager {
         }
     }
 
-    fn has_broken(&self, conn: &mut ServerConn) -> bool {
+    fn has_broken(&self, conn: &mut Box<ServerConn>) -> bool {
         conn.broken
     }
 }
