@@ -2,12 +2,18 @@
 
 mod effects_cache;
 mod error;
+pub mod placement;
 mod session_effect;
+mod shard_map;
 
 pub use effects_cache::EffectsCache;
 pub use error::{Error, Result};
 pub use session_effect::{
     may_have_session_effects, session_effects, try_session_effects, SessionEffect,
+};
+pub use shard_map::{
+    Epoch, Group, KeyType, MovePhase, Partition, PartitionIdx, PartitionState, Shard, ShardId,
+    ShardMap, Table,
 };
 
 /// Whether `sql` is valid syntax for PostgreSQL's grammar. Used to answer a
