@@ -16,6 +16,13 @@ pub use shard_map::{
     ShardMap, Table,
 };
 
+/// The relations `sql` names (as written, possibly schema-qualified); `None`
+/// if it does not parse (PostgreSQL will then report the error itself).
+pub fn referenced_tables(sql: &str) -> Option<Vec<String>> {
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
+    Some(parsed.tables())
+}
+
 /// Whether `sql` is valid syntax for PostgreSQL's grammar. Used to answer a
 /// Parse without a server when the statement is known to parse, so that a
 /// syntax error is still reported at Parse time by the server itself.
