@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use metadata::client::MetaClient;
+use metadata::node::{MetaNode, NodeConfig};
+use metadata::Command;
 
 #[derive(Args)]
 pub struct DevArgs {
@@ -63,6 +66,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     .await??;
     ensure_database(cluster.port(), &password).await?;
 
+    let meta = start_metadata(&dir, cluster.port()).await?;
     let pool_mode = match args.pool_mode {
         PoolModeArg::Transaction => "transaction",
         PoolModeArg::Session => "session",
@@ -71,7 +75,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "# Written by `shardline dev`; rewritten on every start.\n\
          [proxy]\nlisten = \"127.0.0.1:{port}\"\npool_mode = \"{pool_mode}\"\npool_size = {pool_size}\n\n\
          [[users]]\nname = \"{USER}\"\npassword = \"{password}\"\n\n\
-         [[databases]]\nname = \"{DATABASE}\"\nhost = \"127.0.0.1\"\nport = {pg_port}\n",
+         [[databases]]\nname = \"{DATABASE}\"\nhost = \"127.0.0.1\"\nport = {pg_port}\n\n\
+         [metadata]\nendpoints = [\"{meta_addr}\"]\n",
+        meta_addr = meta.addr(),
         port = args.port,
         pool_size = args.pool_size,
     );
@@ -83,6 +89,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on 127.0.0.1:{}", args.port))?;
     let addr = proxy.local_addr()?;
     println!("postgres://{USER}:{password}@{addr}/{DATABASE}");
+    println!("metadata: {}", meta.addr());
     eprintln!(
         "shardline dev: PostgreSQL on 127.0.0.1:{pg_port} (data in {}), proxy config {}. Ctrl-C stops both.",
         pgdata.display(),
@@ -90,8 +97,54 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     proxy.run(crate::shutdown_signal()).await;
     eprintln!("shardline dev: stopping");
+    meta.shutdown().await;
     drop(cluster);
     Ok(())
+}
+
+/// Runs a one-node metadata group persisted under `<dir>/meta`, on the port
+/// it had last time if that is free (its address is part of the group's
+/// membership), and records the local PostgreSQL as shard 0.
+async fn start_metadata(dir: &Path, pg_port: u16) -> anyhow::Result<MetaNode> {
+    let addr_file = dir.join(crate::admin::DEV_META_ADDR_FILE);
+    let previous: Option<std::net::SocketAddr> = std::fs::read_to_string(&addr_file)
+        .ok()
+        .and_then(|a| a.trim().parse().ok());
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("a valid address");
+    let data_dir = dir.join("meta");
+    let node = match previous {
+        Some(prev) => match MetaNode::start(NodeConfig::new(1, prev, data_dir.clone())).await {
+            Ok(node) => node,
+            Err(e) => {
+                tracing::warn!(error = %e, "metadata port {prev} is taken; using another");
+                MetaNode::start(NodeConfig::new(1, any, data_dir)).await?
+            }
+        },
+        None => MetaNode::start(NodeConfig::new(1, any, data_dir)).await?,
+    };
+    std::fs::write(&addr_file, node.addr())?;
+    node.initialize_if_new().await?;
+    let client = MetaClient::new(vec![node.addr().to_owned()]);
+    let (state, _) = client.read().await.context("reading the dev shard map")?;
+    let primary = format!("127.0.0.1:{pg_port}");
+    let shard = router::ShardMap::HOME;
+    let command = match state.map.shards.get(&shard) {
+        None => Some(Command::AddShard {
+            id: shard,
+            primary,
+            replicas: Vec::new(),
+        }),
+        Some(s) if s.primary != primary => Some(Command::SetShardAddresses {
+            id: shard,
+            primary,
+            replicas: Vec::new(),
+        }),
+        Some(_) => None,
+    };
+    if let Some(command) = command {
+        client.propose(command).await.context("recording shard 0")?;
+    }
+    Ok(node)
 }
 
 /// Creates the dev database on first run.

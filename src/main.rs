@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod admin;
 mod dev;
+mod meta;
 
 #[derive(Parser)]
 #[command(
@@ -33,15 +35,23 @@ enum Command {
     Proxy {
         #[arg(long)]
         config: PathBuf,
+        /// Metadata node addresses (host:port, comma-separated) to follow;
+        /// overrides the config file's `[metadata] endpoints`.
+        #[arg(long, value_delimiter = ',')]
+        meta: Vec<String>,
     },
     /// Run a local PostgreSQL and a proxy in front of it, for development.
     Dev(dev::DevArgs),
+    /// Run a node of the metadata (Raft) group.
+    Meta(meta::MetaArgs),
+    /// Inspect and change the shard map.
+    Admin(admin::AdminArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -50,12 +60,26 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => builder.json().init(),
     }
     match cli.command {
-        Command::Proxy { config } => {
-            let config = proxy::Config::load(&config)
+        Command::Proxy { config, meta } => {
+            let mut config = proxy::Config::load(&config)
                 .with_context(|| format!("loading {}", config.display()))?;
+            if !meta.is_empty() {
+                config.set_metadata_endpoints(meta);
+            }
             runtime(config.proxy.worker_threads)?.block_on(run_proxy(config))
         }
         Command::Dev(args) => runtime(0)?.block_on(dev::run(args)),
+        Command::Meta(args) => runtime(0)?.block_on(meta::run(args)),
+        Command::Admin(args) => match runtime(1)?.block_on(admin::run(args)) {
+            Ok(()) => Ok(()),
+            Err(e) => match admin::explain(&e) {
+                Some(message) => {
+                    eprintln!("shardline admin: {message}");
+                    std::process::exit(1);
+                }
+                None => Err(e),
+            },
+        },
     }
 }
 

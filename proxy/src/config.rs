@@ -23,6 +23,26 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub databases: Vec<DatabaseConfig>,
+    /// The metadata group to follow; absent means no shard map (one server).
+    #[serde(default)]
+    pub metadata: Option<MetadataConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataConfig {
+    /// Metadata node addresses (`host:port`); any one of them is enough.
+    pub endpoints: Vec<String>,
+    /// How long a lease lasts without renewal; renewed every third of it.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// This proxy's id in the registry; defaults to `<listen address>-<pid>`.
+    #[serde(default)]
+    pub proxy_id: Option<String>,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -168,6 +188,20 @@ impl Config {
         Config::parse(&text)
     }
 
+    /// Follows the metadata group at `endpoints` (the `--meta` flag).
+    pub fn set_metadata_endpoints(&mut self, endpoints: Vec<String>) {
+        match &mut self.metadata {
+            Some(m) => m.endpoints = endpoints,
+            None => {
+                self.metadata = Some(MetadataConfig {
+                    endpoints,
+                    lease_ttl: default_lease_ttl(),
+                    proxy_id: None,
+                })
+            }
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text)?;
         config.validate()?;
@@ -187,6 +221,14 @@ impl Config {
         }
         if p.checkout_timeout.is_zero() || p.connect_timeout.is_zero() {
             return invalid("checkout_timeout and connect_timeout must be positive".into());
+        }
+        if let Some(m) = &self.metadata {
+            if m.endpoints.is_empty() {
+                return invalid("metadata.endpoints needs at least one address".into());
+            }
+            if m.lease_ttl < Duration::from_millis(300) {
+                return invalid("metadata.lease_ttl must be at least 300ms".into());
+            }
         }
         let mut seen = HashMap::new();
         for user in &self.users {

@@ -62,6 +62,11 @@ pub enum Error {
     Unsupported(String),
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    #[error(
+        "this proxy's shard map lease has expired, so it starts no work on sharded table \"{table}\" \
+         until it is current again; retry the transaction (through another proxy, or in a moment)"
+    )]
+    MapNotCurrent { table: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -82,9 +87,10 @@ impl Error {
             | Error::ServerIo(_)
             | Error::ServerProtocol(_)
             | Error::ServerAuth(_) => Kind::Server,
-            Error::TooManyClients { .. } | Error::PoolExhausted { .. } | Error::ShuttingDown => {
-                Kind::Unavailable
-            }
+            Error::TooManyClients { .. }
+            | Error::PoolExhausted { .. }
+            | Error::ShuttingDown
+            | Error::MapNotCurrent { .. } => Kind::Unavailable,
         }
     }
 
@@ -110,6 +116,8 @@ impl Error {
             Error::ClientIo(_) => "08006",
             Error::Unsupported(_) => "0A000",
             Error::ShuttingDown => "57P01",
+            // Retryable by the usual transaction-retry logic of drivers and ORMs.
+            Error::MapNotCurrent { .. } => "40001",
         }
     }
 
@@ -117,7 +125,9 @@ impl Error {
     pub fn is_fatal(&self) -> bool {
         !matches!(
             self,
-            Error::PoolExhausted { .. } | Error::ServerUnavailable { .. }
+            Error::PoolExhausted { .. }
+                | Error::ServerUnavailable { .. }
+                | Error::MapNotCurrent { .. }
         )
     }
 

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cancel;
 pub mod config;
 pub mod error;
+pub mod follower;
 mod listener;
 pub mod params;
 pub mod pending;

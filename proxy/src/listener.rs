@@ -45,9 +45,13 @@ impl Proxy {
         // A deep accept queue: a storm of connections must not lose SYNs (each
         // lost one costs its client a one-second retransmit).
         let listener = socket.listen(config.proxy.listen_backlog)?;
+        let follower = config.metadata.as_ref().map(|m| {
+            let addr = listener.local_addr().map_or(addr, |a| a);
+            crate::follower::MapFollower::start(m, addr.to_string())
+        });
         Ok(Proxy {
             listener,
-            shared: Arc::new(Shared::new(Arc::new(config))),
+            shared: Arc::new(Shared::new(Arc::new(config), follower)),
         })
     }
 

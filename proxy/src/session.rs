@@ -358,6 +358,16 @@ impl Session {
             }
             return Ok(());
         }
+        if let Err(e) = self.check_map_current(&frame) {
+            // Before anything reaches a server: the statement is not run.
+            e.encode(&mut self.cout);
+            if tag == frontend::QUERY {
+                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+            } else {
+                self.skipping_to_sync = true;
+            }
+            return Ok(());
+        }
         // Messages answered without a server when none is attached.
         if self.server.is_none() {
             match tag {
@@ -467,6 +477,58 @@ impl Session {
             other => return Err(Error::UnexpectedMessage(other)),
         }
         Ok(())
+    }
+
+    /// A proxy whose shard-map lease has lapsed starts no new transaction on a
+    /// sharded table (it might route by a map that has moved on). Work inside
+    /// a transaction that began while it was current carries on; partitions
+    /// that moved meanwhile are protected by the fence on the old owner.
+    fn check_map_current(&self, frame: &Frame) -> Result<()> {
+        let Some(follower) = &self.shared.follower else {
+            return Ok(());
+        };
+        let starts_work = matches!(
+            frame.tag(),
+            frontend::QUERY | frontend::PARSE | frontend::BIND
+        ) && self.txn_status == TransactionStatus::Idle
+            && self.pending.is_idle();
+        if !starts_work || follower.is_current() {
+            return Ok(());
+        }
+        let map = follower.map();
+        if map.tables.is_empty() {
+            return Ok(());
+        }
+        let sql: &[u8] = match frame.tag() {
+            frontend::QUERY => frontend::query_text(frame.body())?,
+            frontend::PARSE => Parse::decode(frame.body())?.query,
+            _ => {
+                // A statement prepared while the proxy was current, run now.
+                let bind = Bind::decode(frame.body())?;
+                match self.statements.get(bind.statement) {
+                    Some(statement) => {
+                        let definition = &statement.definition[..];
+                        let end = definition.iter().position(|&b| b == 0).unwrap_or(0);
+                        &statement.definition[..end]
+                    }
+                    None => return Ok(()), // the unnamed statement was checked at its Parse
+                }
+            }
+        };
+        let Some(tables) = std::str::from_utf8(sql)
+            .ok()
+            .and_then(router::referenced_tables)
+        else {
+            return Ok(()); // PostgreSQL reports what does not parse
+        };
+        let sharded = tables.into_iter().find(|t| {
+            let name = t.rsplit('.').next().unwrap_or(t);
+            map.tables.contains_key(name)
+        });
+        match sharded {
+            Some(table) => Err(Error::MapNotCurrent { table }),
+            None => Ok(()),
+        }
     }
 
     fn forward(&mut self, frame: &Frame, entry: Entry) {

@@ -15,6 +15,8 @@ pub struct Shared {
     pub pools: Pools,
     pub cancels: CancelRegistry,
     pub effects_cache: router::EffectsCache,
+    /// The shard map and lease, when a metadata group is configured.
+    pub follower: Option<Arc<crate::follower::MapFollower>>,
     /// Per-process secret that makes SCRAM exchanges for unknown users look real.
     pub mock_nonce: [u8; 32],
     clients: AtomicU32,
@@ -22,7 +24,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Arc<Config>) -> Shared {
+    pub fn new(config: Arc<Config>, follower: Option<Arc<crate::follower::MapFollower>>) -> Shared {
         let users = config
             .users
             .iter()
@@ -34,6 +36,7 @@ impl Shared {
             pools: Pools::default(),
             cancels: CancelRegistry::default(),
             effects_cache: router::EffectsCache::new(10_000),
+            follower,
             mock_nonce: rand::random(),
             clients: AtomicU32::new(0),
             next_process_id: AtomicI32::new(1),

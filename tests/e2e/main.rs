@@ -3,6 +3,7 @@
 
 mod auth;
 mod harness;
+mod metadata;
 mod pooling;
 mod protocol;
 mod robustness;

@@ -1,0 +1,380 @@
+//! `shardline admin`: the operator's view of and hand on the metadata group.
+//! Human-readable tables by default, `--json` for scripts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use metadata::client::MetaClient;
+use metadata::Command;
+use router::{placement, KeyType, PartitionState, ShardId, ShardMap};
+
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Metadata node addresses (host:port, comma-separated). Without it, the
+    /// dev cluster started from `--dir` is used.
+    #[arg(long, value_delimiter = ',')]
+    meta: Vec<String>,
+    /// The `shardline dev` directory whose metadata node to use.
+    #[arg(long, default_value = "./.shardline/dev")]
+    dir: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Members, leader, epoch and proxy leases.
+    Status,
+    /// Shards and their addresses.
+    Shards,
+    AddShard {
+        #[arg(long)]
+        id: u32,
+        #[arg(long)]
+        primary: String,
+        #[arg(long = "replica")]
+        replicas: Vec<String>,
+    },
+    RemoveShard {
+        #[arg(long)]
+        id: u32,
+    },
+    /// Sharded tables.
+    Tables,
+    DeclareTable {
+        name: String,
+        #[arg(long)]
+        key: String,
+        #[arg(long = "type")]
+        key_type: String,
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        partitions: Option<u32>,
+    },
+    /// Partition -> shard, and the distance from the rendezvous target.
+    Placement,
+    /// Metadata group members.
+    Members,
+    AddMember {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        addr: String,
+    },
+    RemoveMember {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+/// File in a dev directory holding the metadata node's address.
+pub const DEV_META_ADDR_FILE: &str = "meta.addr";
+
+pub fn dev_meta_addr(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join(DEV_META_ADDR_FILE);
+    let addr = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no --meta given and no dev cluster found ({} is missing); start one with `shardline dev` or pass --meta host:port",
+            path.display()
+        )
+    })?;
+    Ok(addr.trim().to_owned())
+}
+
+pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let addrs = if args.meta.is_empty() {
+        vec![dev_meta_addr(&args.dir)?]
+    } else {
+        args.meta.clone()
+    };
+    let client = MetaClient::new(addrs);
+    let json = args.json;
+    match args.command {
+        AdminCommand::Status => {
+            let s = client.status().await?;
+            if json {
+                return print_json(&json!({
+                    "leader": s.leader, "term": s.term, "epoch": s.epoch,
+                    "last_applied": s.last_applied,
+                    "members": s.members.iter().map(|(id, addr, voter)| json!({"id": id, "addr": addr, "voter": voter})).collect::<Vec<_>>(),
+                    "proxies": s.proxies.iter().map(|p| json!({"id": p.id, "addr": p.addr, "live": p.is_live(s.now_ms), "lease_ms_left": p.expires_ms.saturating_sub(s.now_ms), "acked_epoch": p.acked_epoch})).collect::<Vec<_>>(),
+                    "epoch_acknowledged_by": s.acks.acknowledged, "epoch_pending": s.acks.pending,
+                }));
+            }
+            println!(
+                "leader: {}   term: {}   epoch: {}",
+                s.leader.map_or("none".into(), |l| l.to_string()),
+                s.term,
+                s.epoch
+            );
+            print_members(&s.members, s.leader);
+            let rows: Vec<Vec<String>> = s
+                .proxies
+                .iter()
+                .map(|p| {
+                    let left = p.expires_ms.saturating_sub(s.now_ms);
+                    vec![
+                        p.id.clone(),
+                        p.addr.clone(),
+                        if p.is_live(s.now_ms) {
+                            format!("live ({}.{:01}s left)", left / 1000, left % 1000 / 100)
+                        } else {
+                            "expired".into()
+                        },
+                        p.acked_epoch.to_string(),
+                    ]
+                })
+                .collect();
+            println!();
+            table(&["proxy", "address", "lease", "acked epoch"], rows);
+            println!(
+                "\nepoch {}: acknowledged by {} live proxies, pending: {}",
+                s.epoch,
+                s.acks.acknowledged.len(),
+                if s.acks.pending.is_empty() {
+                    "none".into()
+                } else {
+                    s.acks.pending.join(", ")
+                }
+            );
+        }
+        AdminCommand::Members => {
+            let s = client.status().await?;
+            if json {
+                return print_json(&json!(s.members.iter().map(|(id, addr, voter)| json!({"id": id, "addr": addr, "voter": voter, "leader": Some(*id) == s.leader})).collect::<Vec<_>>()));
+            }
+            print_members(&s.members, s.leader);
+        }
+        AdminCommand::Shards => {
+            let (state, _) = client.read().await?;
+            let map = &state.map;
+            if json {
+                return print_json(&json!(map.shards.values().map(|s| json!({"id": s.id.0, "primary": s.primary, "replicas": s.replicas, "partitions": map.partitions_owned(s.id)})).collect::<Vec<_>>()));
+            }
+            let rows = map
+                .shards
+                .values()
+                .map(|s| {
+                    vec![
+                        s.id.to_string(),
+                        s.primary.clone(),
+                        s.replicas.join(", "),
+                        map.partitions_owned(s.id).to_string(),
+                    ]
+                })
+                .collect();
+            table(&["shard", "primary", "replicas", "partitions"], rows);
+        }
+        AdminCommand::AddShard {
+            id,
+            primary,
+            replicas,
+        } => {
+            let applied = client
+                .propose(Command::AddShard {
+                    id: ShardId(id),
+                    primary,
+                    replicas,
+                })
+                .await?;
+            done(json, &format!("shard {id} added"), applied.epoch)?;
+        }
+        AdminCommand::RemoveShard { id } => {
+            let applied = client
+                .propose(Command::RemoveShard { id: ShardId(id) })
+                .await?;
+            done(json, &format!("shard {id} removed"), applied.epoch)?;
+        }
+        AdminCommand::Tables => {
+            let (state, _) = client.read().await?;
+            let map = &state.map;
+            if json {
+                return print_json(&json!(map.tables.values().map(|t| json!({"name": t.name, "key": t.key, "type": t.key_type.as_str(), "group": t.group, "partitions": map.groups[&t.group].modulus()})).collect::<Vec<_>>()));
+            }
+            let rows = map
+                .tables
+                .values()
+                .map(|t| {
+                    vec![
+                        t.name.clone(),
+                        t.key.clone(),
+                        t.key_type.to_string(),
+                        t.group.clone(),
+                        map.groups[&t.group].modulus().to_string(),
+                    ]
+                })
+                .collect();
+            table(&["table", "key", "type", "group", "partitions"], rows);
+        }
+        AdminCommand::DeclareTable {
+            name,
+            key,
+            key_type,
+            group,
+            partitions,
+        } => {
+            let key_type: KeyType = key_type.parse().map_err(anyhow::Error::msg)?;
+            let applied = client
+                .propose(Command::DeclareTable {
+                    name: name.clone(),
+                    key,
+                    key_type,
+                    group,
+                    partitions,
+                })
+                .await?;
+            done(json, &format!("table {name} declared"), applied.epoch)?;
+        }
+        AdminCommand::Placement => {
+            let (state, _) = client.read().await?;
+            print_placement(&state.map, json)?;
+        }
+        AdminCommand::AddMember { id, addr } => {
+            client.add_member(id, &addr).await?;
+            done(json, &format!("node {id} ({addr}) is a voting member"), 0)?;
+        }
+        AdminCommand::RemoveMember { id } => {
+            client.remove_member(id).await?;
+            done(json, &format!("node {id} removed"), 0)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_placement(map: &ShardMap, json: bool) -> anyhow::Result<()> {
+    let shards: Vec<ShardId> = map.shards.keys().copied().collect();
+    if json {
+        let groups: BTreeMap<_, _> = map
+            .groups
+            .values()
+            .map(|g| {
+                let target = placement::target(g.modulus(), &shards);
+                let parts: Vec<_> = g
+                    .partitions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| json!({"partition": i, "owner": p.owner.0, "target": target.get(i).map(|s| s.0), "moving_to": match p.state { PartitionState::Moving { to, .. } => Some(to.0), PartitionState::Stable => None }}))
+                    .collect();
+                (g.name.clone(), json!({"partitions": parts, "misplaced": placement::misplaced(g, &shards).len()}))
+            })
+            .collect();
+        return print_json(&json!({"epoch": map.epoch.0, "groups": groups}));
+    }
+    if map.groups.is_empty() {
+        println!("no sharded tables yet (declare one with `shardline admin declare-table`)");
+        return Ok(());
+    }
+    for g in map.groups.values() {
+        let target = placement::target(g.modulus(), &shards);
+        let misplaced = placement::misplaced(g, &shards);
+        println!(
+            "group {} ({}, {} partitions): {} of {} partitions away from the rendezvous target",
+            g.name,
+            g.key_type,
+            g.modulus(),
+            misplaced.len(),
+            g.modulus()
+        );
+        let rows = g
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let t = target.get(i).map_or("-".into(), |s| s.to_string());
+                vec![
+                    i.to_string(),
+                    p.owner.to_string(),
+                    t,
+                    match p.state {
+                        PartitionState::Stable => "stable".into(),
+                        PartitionState::Moving { to, phase } => {
+                            format!("moving to {to} ({phase:?})")
+                        }
+                    },
+                ]
+            })
+            .collect();
+        table(&["partition", "owner", "target", "state"], rows);
+    }
+    Ok(())
+}
+
+fn print_members(members: &[(u64, String, bool)], leader: Option<u64>) {
+    let rows = members
+        .iter()
+        .map(|(id, addr, voter)| {
+            let role = if Some(*id) == leader {
+                "leader"
+            } else if *voter {
+                "voter"
+            } else {
+                "learner"
+            };
+            vec![id.to_string(), addr.clone(), role.to_owned()]
+        })
+        .collect();
+    table(&["node", "address", "role"], rows);
+}
+
+fn done(json: bool, what: &str, epoch: u64) -> anyhow::Result<()> {
+    if json {
+        print_json(&json!({"ok": true, "message": what, "epoch": epoch}))
+    } else {
+        if epoch > 0 {
+            println!("{what} (epoch {epoch})");
+        } else {
+            println!("{what}");
+        }
+        Ok(())
+    }
+}
+
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// A plain text table with aligned columns.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    line(widths.iter().map(|w| "-".repeat(*w)).collect());
+    if rows.is_empty() {
+        println!("(none)");
+    }
+    for row in rows {
+        line(row);
+    }
+}
+
+/// Turns a refused command into a clean message for the operator.
+pub fn explain(e: &anyhow::Error) -> Option<String> {
+    match e.downcast_ref::<metadata::Error>()? {
+        metadata::Error::Refused(r) => Some(format!("refused: {r}")),
+        metadata::Error::NoLeader(why) => Some(format!(
+            "no metadata leader reachable ({why}); check that the nodes in --meta are running"
+        )),
+        _ => None,
+    }
+}
