@@ -3,6 +3,7 @@
 
 mod auth;
 mod harness;
+mod meta_cli;
 mod metadata;
 mod pooling;
 mod protocol;
