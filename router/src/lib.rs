@@ -2,6 +2,7 @@
 
 mod effects_cache;
 mod error;
+pub mod hash;
 pub mod placement;
 mod session_effect;
 mod shard_map;
