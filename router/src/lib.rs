@@ -1,5 +1,6 @@
 //! Statement parsing with PostgreSQL's own grammar (pg_query) and the decisions made from it.
 
+pub mod ddl;
 mod effects_cache;
 mod error;
 pub mod hash;

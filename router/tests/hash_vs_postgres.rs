@@ -244,3 +244,75 @@ fn parse_uuid(s: &str) -> [u8; 16] {
     }
     out
 }
+
+/// The per-shard layout from `router::ddl` on two databases standing in for
+/// two shards: every row the router sends to its owner is accepted there, and
+/// the same row sent to the other shard is rejected by PostgreSQL itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_accepted_only_by_the_shard_owning_their_partition() {
+    use router::{placement, Group, KeyType, Partition, PartitionState, ShardId, Table};
+
+    let pg = tokio::task::spawn_blocking(testkit::Cluster::start)
+        .await
+        .expect("join")
+        .expect("PostgreSQL starts");
+    let admin = pg.connect().await.expect("connect");
+    for db in ["shard0", "shard1"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .expect("database");
+    }
+    let shards = [ShardId(0), ShardId(1)];
+    let group = Group {
+        name: "int8_16".into(),
+        key_type: KeyType::Int8,
+        partitions: placement::target(16, &shards)
+            .into_iter()
+            .map(|owner| Partition {
+                owner,
+                state: PartitionState::Stable,
+            })
+            .collect(),
+    };
+    let table = Table {
+        name: "accounts".into(),
+        key: "id".into(),
+        key_type: KeyType::Int8,
+        group: group.name.clone(),
+    };
+    let mut dbs = Vec::new();
+    for shard in shards {
+        let db = pg
+            .connect_to(&format!("shard{}", shard.0))
+            .await
+            .expect("connect to shard database");
+        let ddl = router::ddl::create_on_shard(
+            "CREATE TABLE accounts (id int8 PRIMARY KEY, balance int8 NOT NULL)",
+            &table,
+            &group,
+            shard,
+        )
+        .expect("layout");
+        for statement in ddl {
+            db.batch_execute(&statement).await.expect("create layout");
+        }
+        dbs.push(db);
+    }
+    for id in -200i64..200 {
+        let partition = partition_of(&[Some(&KeyValue::Int8(id))], group.modulus());
+        let owner = group.partitions[partition as usize].owner.0 as usize;
+        let insert = "INSERT INTO accounts VALUES ($1, 0)";
+        dbs[owner]
+            .execute(insert, &[&id])
+            .await
+            .unwrap_or_else(|e| panic!("owner shard {owner} rejected id {id}: {e}"));
+        let wrong = dbs[1 - owner].execute(insert, &[&id]).await;
+        let err = wrong.expect_err("the other shard accepted a row it does not own");
+        assert_eq!(
+            err.code().map(|c| c.code()),
+            Some("23514"),
+            "id {id}: {err}"
+        );
+    }
+}

@@ -291,6 +291,11 @@ impl Cluster {
             .await
     }
 
+    /// Connects as the superuser to database `db`.
+    pub async fn connect_to(&self, db: &str) -> anyhow::Result<Client> {
+        self.connect_as(&self.superuser, &self.password, db).await
+    }
+
     /// Connects as `user` to `db` over TCP, without TLS. On failure the error downcasts to
     /// [`tokio_postgres::Error`] (e.g. to check the SQLSTATE of a failed login).
     pub async fn connect_as(&self, user: &str, password: &str, db: &str) -> anyhow::Result<Client> {
