@@ -1,1 +1,1 @@
-//! Micro-benchmarks (criterion) and the load harness.
+//! Micro-benchmarks (criterion, in `benches/`) and the load harness (`pgbench-compare.sh`).
