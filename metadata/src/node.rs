@@ -40,6 +40,8 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// Log entries between snapshots; older entries are purged after one.
     pub snapshot_every: u64,
+    /// Open RPC connections (peers, proxies' watches, admin) at most.
+    pub connections_max: usize,
 }
 
 impl NodeConfig {
@@ -53,6 +55,7 @@ impl NodeConfig {
             election_timeout_max: Duration::from_millis(800),
             request_timeout: Duration::from_secs(5),
             snapshot_every: 1000,
+            connections_max: 4096,
         }
     }
 }
@@ -64,6 +67,7 @@ struct Inner {
     sm: StateMachineStore,
     cut: Cut,
     request_timeout: Duration,
+    connections_max: usize,
 }
 
 /// A running metadata node. Dropping it does not stop it: call [`MetaNode::shutdown`].
@@ -124,6 +128,7 @@ impl MetaNode {
             sm,
             cut,
             request_timeout: config.request_timeout,
+            connections_max: config.connections_max,
         });
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(serve(listener, inner.clone(), stopped));
@@ -182,14 +187,24 @@ impl MetaNode {
 }
 
 async fn serve(listener: TcpListener, node: Arc<Inner>, mut stopped: watch::Receiver<bool>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(node.connections_max));
     loop {
         tokio::select! {
             _ = stopped.changed() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    // Beyond the bound a connection is closed at once; clients retry.
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, max = node.connections_max, "metadata connection refused: too many connections");
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let stopped = stopped.clone();
-                    tokio::spawn(handle(stream, node.clone(), stopped));
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        handle(stream, node, stopped).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "metadata accept failed");
