@@ -4,6 +4,7 @@ pub mod ddl;
 mod effects_cache;
 mod error;
 pub mod hash;
+pub mod key_param;
 pub mod placement;
 mod session_effect;
 mod shard_map;
