@@ -61,6 +61,11 @@ enum AdminCommand {
     },
     /// Partition -> shard, and the distance from the rendezvous target.
     Placement,
+    /// Where a statement would be routed by the current map.
+    Route {
+        /// The SQL text.
+        sql: String,
+    },
     /// Metadata group members.
     Members,
     AddMember {
@@ -237,6 +242,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             let (state, _) = client.read().await?;
             print_placement(&state.map, json)?;
         }
+        AdminCommand::Route { sql } => {
+            let (state, _) = client.read().await?;
+            print_route(&state.map, &sql, json)?;
+        }
         AdminCommand::AddMember { id, addr } => {
             client.add_member(id, &addr).await?;
             done(json, &format!("node {id} ({addr}) is a voting member"), 0)?;
@@ -303,6 +312,55 @@ fn print_placement(map: &ShardMap, json: bool) -> anyhow::Result<()> {
             })
             .collect();
         table(&["partition", "owner", "target", "state"], rows);
+    }
+    Ok(())
+}
+
+/// Per sharded table: the shards its keys map to, or all shards.
+fn print_route(map: &ShardMap, sql: &str, json: bool) -> anyhow::Result<()> {
+    let analysis = router::analyse(sql, map)?;
+    let mut routes = Vec::new();
+    for target in &analysis.targets {
+        let table = &map.tables[&target.table];
+        let group = &map.groups[&table.group];
+        let to = match &target.keys {
+            None => "every shard (no usable key)".to_owned(),
+            Some(keys) => {
+                let mut shards = std::collections::BTreeSet::new();
+                let mut parameters = false;
+                for key in keys {
+                    match key {
+                        router::KeySource::Const(v) => {
+                            let p = router::hash::partition_of(&[Some(v)], group.modulus());
+                            shards.insert(group.partitions[p as usize].owner.0);
+                        }
+                        _ => parameters = true,
+                    }
+                }
+                let listed: Vec<String> = shards.iter().map(|s| format!("shard {s}")).collect();
+                match (listed.is_empty(), parameters) {
+                    (true, _) => "decided by the bound parameters".to_owned(),
+                    (false, false) => listed.join(", "),
+                    (false, true) => format!("{} and where the parameters lead", listed.join(", ")),
+                }
+            }
+        };
+        routes.push((target.table.clone(), to));
+    }
+    if json {
+        return print_json(&json!({
+            "refusal": analysis.refusal,
+            "routes": routes.iter().map(|(t, to)| json!({"table": t, "to": to})).collect::<Vec<_>>(),
+        }));
+    }
+    if let Some(why) = &analysis.refusal {
+        println!("refused: {why}");
+    }
+    if routes.is_empty() {
+        println!("no sharded table: the home shard ({})", ShardMap::HOME);
+    }
+    for (table, to) in routes {
+        println!("{table}: {to}");
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! Decoding never panics on client bytes; a value that PostgreSQL would
 //! reject is an error, and the statement is then left to PostgreSQL.
 
+use crate::analysis::{parse_array_literal, parse_pg_int, parse_uuid, IntError};
 use crate::hash::KeyValue;
 use crate::shard_map::KeyType;
 
@@ -28,57 +29,33 @@ pub fn decode_key(key_type: KeyType, format: i16, bytes: &[u8]) -> Result<KeyVal
     }
 }
 
-/// A key from its text form (`int8in`, `textin`, `uuid_in`, ...).
+/// A key from its text form (`int8in`, `textin`, `uuid_in`, ...); the
+/// integer and uuid readers are shared with the statement analyser.
 pub fn parse_text(key_type: KeyType, text: &str) -> Result<KeyValue, String> {
-    let int = |t: &str| -> Result<i64, String> {
-        t.trim()
-            .parse::<i64>()
-            .map_err(|_| format!("invalid input syntax for type {key_type}: \"{t}\""))
+    let int = || match parse_pg_int(text) {
+        Ok(v) => Ok(v),
+        Err(IntError::Syntax) => Err(format!(
+            "invalid input syntax for type {key_type}: \"{text}\""
+        )),
+        Err(IntError::Range) => Err(out_of_range(key_type, text)),
     };
-    let out_of_range = || format!("value \"{text}\" is out of range for type {key_type}");
     match key_type {
-        KeyType::Int2 => i16::try_from(int(text)?)
+        KeyType::Int2 => i16::try_from(int()?)
             .map(KeyValue::Int2)
-            .map_err(|_| out_of_range()),
-        KeyType::Int4 => i32::try_from(int(text)?)
+            .map_err(|_| out_of_range(key_type, text)),
+        KeyType::Int4 => i32::try_from(int()?)
             .map(KeyValue::Int4)
-            .map_err(|_| out_of_range()),
-        KeyType::Int8 => int(text).map(KeyValue::Int8),
+            .map_err(|_| out_of_range(key_type, text)),
+        KeyType::Int8 => int().map(KeyValue::Int8),
         KeyType::Text => Ok(KeyValue::Text(text.as_bytes().to_vec())),
-        KeyType::Uuid => parse_uuid(text).map(KeyValue::Uuid),
+        KeyType::Uuid => parse_uuid(text)
+            .map(KeyValue::Uuid)
+            .ok_or_else(|| format!("invalid input syntax for type uuid: \"{text}\"")),
     }
 }
 
-/// `uuid_in`: 32 hex digits, optionally in braces, with a hyphen allowed
-/// after any group of four digits.
-fn parse_uuid(text: &str) -> Result<[u8; 16], String> {
-    let bad = || format!("invalid input syntax for type uuid: \"{text}\"");
-    let inner = match text.strip_prefix('{') {
-        Some(rest) => rest.strip_suffix('}').ok_or_else(bad)?,
-        None => text,
-    };
-    let mut out = [0u8; 16];
-    let mut digits = 0usize;
-    let mut chars = inner.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '-' {
-            // Only after a complete group of four, never first, last or doubled.
-            if digits == 0 || digits % 4 != 0 || digits == 32 || chars.peek() == Some(&'-') {
-                return Err(bad());
-            }
-            continue;
-        }
-        let v = c.to_digit(16).ok_or_else(bad)? as u8;
-        if digits >= 32 {
-            return Err(bad());
-        }
-        out[digits / 2] |= if digits % 2 == 0 { v << 4 } else { v };
-        digits += 1;
-    }
-    if digits != 32 || inner.ends_with('-') {
-        return Err(bad());
-    }
-    Ok(out)
+fn out_of_range(key_type: KeyType, text: &str) -> String {
+    format!("value \"{text}\" is out of range for type {key_type}")
 }
 
 fn decode_binary(key_type: KeyType, b: &[u8]) -> Result<KeyValue, String> {
@@ -133,73 +110,17 @@ pub fn decode_key_array(
 
 /// A one-dimensional array literal `{a,b,"c d",NULL}` (`array_in`).
 fn parse_text_array(key_type: KeyType, text: &str) -> Result<Vec<KeyValue>, String> {
-    let bad = || format!("malformed array literal: \"{text}\"");
-    let inner = text
-        .trim()
-        .strip_prefix('{')
-        .and_then(|t| t.strip_suffix('}'))
-        .ok_or_else(bad)?;
-    let mut keys = Vec::new();
-    if inner.trim().is_empty() {
-        return Ok(keys);
+    let elements =
+        parse_array_literal(text).ok_or_else(|| format!("malformed array literal: \"{text}\""))?;
+    if elements.len() > ARRAY_KEYS_MAX {
+        return Err(format!("more than {ARRAY_KEYS_MAX} keys in one array"));
     }
-    let mut chars = inner.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        let mut item = String::new();
-        let quoted = chars.peek() == Some(&'"');
-        if quoted {
-            chars.next();
-            loop {
-                match chars.next().ok_or_else(bad)? {
-                    '"' => break,
-                    '\\' => item.push(chars.next().ok_or_else(bad)?),
-                    c => item.push(c),
-                }
-            }
-            while chars.peek().is_some_and(|c| c.is_whitespace()) {
-                chars.next();
-            }
-        } else {
-            // Backslash escapes the next character here too; trailing
-            // whitespace is dropped unless it was escaped.
-            let mut keep = 0;
-            while let Some(&c) = chars.peek() {
-                if c == ',' {
-                    break;
-                }
-                if c == '{' || c == '"' {
-                    return Err(bad()); // nested or stray quote: not a flat key list
-                }
-                chars.next();
-                if c == '\\' {
-                    item.push(chars.next().ok_or_else(bad)?);
-                    keep = item.len();
-                } else {
-                    item.push(c);
-                    if !c.is_whitespace() {
-                        keep = item.len();
-                    }
-                }
-            }
-            item.truncate(keep);
-        }
-        if !quoted && item.eq_ignore_ascii_case("NULL") {
-            // NULL matches no row.
-        } else {
-            keys.push(parse_text(key_type, &item)?);
-        }
-        if keys.len() > ARRAY_KEYS_MAX {
-            return Err(format!("more than {ARRAY_KEYS_MAX} keys in one array"));
-        }
-        match chars.next() {
-            None => return Ok(keys),
-            Some(',') => continue,
-            Some(_) => return Err(bad()),
-        }
-    }
+    // NULL elements match no row.
+    elements
+        .into_iter()
+        .flatten()
+        .map(|e| parse_text(key_type, &e))
+        .collect()
 }
 
 /// The binary array format (`array_send`): ndim, has-nulls flag, element
@@ -284,7 +205,7 @@ mod tests {
             (KeyType::Int4, "2147483648"),
             (KeyType::Int8, "1.5"),
             (KeyType::Int8, ""),
-            (KeyType::Int4, "0x10"),
+            (KeyType::Int4, "_1"),
         ] {
             assert!(parse_text(ty, text).is_err(), "{ty} {text:?} accepted");
         }

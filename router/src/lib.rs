@@ -1,5 +1,6 @@
 //! Statement parsing with PostgreSQL's own grammar (pg_query) and the decisions made from it.
 
+pub mod analysis;
 pub mod ddl;
 mod effects_cache;
 mod error;
@@ -9,6 +10,7 @@ pub mod placement;
 mod session_effect;
 mod shard_map;
 
+pub use analysis::{analyse, Analysis, AnalysisCache, KeySource, StatementKind, TableTarget};
 pub use effects_cache::EffectsCache;
 pub use error::{Error, Result};
 pub use session_effect::{

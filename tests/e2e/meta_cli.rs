@@ -123,6 +123,14 @@ fn three_meta_processes_form_a_group_that_admin_can_change() {
     let partitions = group["partitions"].as_array().expect("partitions");
     assert_eq!(partitions.len(), 16);
     assert_eq!(group["misplaced"], 0, "a new group starts at its target");
+    // admin route: a point query goes to the owner of its key's partition.
+    let partition = router::hash::partition_of(&[Some(&router::hash::KeyValue::Int8(5))], 16);
+    let owner = &partitions[partition as usize]["owner"];
+    let route = admin(&all, &["route", "SELECT * FROM accounts WHERE id = 5"]);
+    let text = String::from_utf8_lossy(&route.stdout);
+    assert_eq!(text.trim(), format!("accounts: shard {owner}"));
+    let route = admin(&all, &["route", "SELECT count(*) FROM accounts"]);
+    assert!(String::from_utf8_lossy(&route.stdout).contains("every shard"));
     let tables = json(&admin(&all, &["--json", "tables"]));
     assert_eq!(tables[0]["name"], "accounts");
     let status = json(&admin(&all, &["--json", "status"]));
