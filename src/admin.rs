@@ -80,6 +80,14 @@ enum AdminCommand {
     },
 }
 
+/// Like `println!`, but a closed stdout (`admin ... | head`) is not a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// File in a dev directory holding the metadata node's address.
 pub const DEV_META_ADDR_FILE: &str = "meta.addr";
 
@@ -114,7 +122,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                     "epoch_acknowledged_by": s.acks.acknowledged, "epoch_pending": s.acks.pending,
                 }));
             }
-            println!(
+            out!(
                 "leader: {}   term: {}   epoch: {}",
                 s.leader.map_or("none".into(), |l| l.to_string()),
                 s.term,
@@ -138,9 +146,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            println!();
+            out!();
             table(&["proxy", "address", "lease", "acked epoch"], rows);
-            println!(
+            out!(
                 "\nepoch {}: acknowledged by {} live proxies, pending: {}",
                 s.epoch,
                 s.acks.acknowledged.len(),
@@ -278,13 +286,13 @@ fn print_placement(map: &ShardMap, json: bool) -> anyhow::Result<()> {
         return print_json(&json!({"epoch": map.epoch.0, "groups": groups}));
     }
     if map.groups.is_empty() {
-        println!("no sharded tables yet (declare one with `shardline admin declare-table`)");
+        out!("no sharded tables yet (declare one with `shardline admin declare-table`)");
         return Ok(());
     }
     for g in map.groups.values() {
         let target = placement::target(g.modulus(), &shards);
         let misplaced = placement::misplaced(g, &shards);
-        println!(
+        out!(
             "group {} ({}, {} partitions): {} of {} partitions away from the rendezvous target",
             g.name,
             g.key_type,
@@ -354,13 +362,13 @@ fn print_route(map: &ShardMap, sql: &str, json: bool) -> anyhow::Result<()> {
         }));
     }
     if let Some(why) = &analysis.refusal {
-        println!("refused: {why}");
+        out!("refused: {why}");
     }
     if routes.is_empty() {
-        println!("no sharded table: the home shard ({})", ShardMap::HOME);
+        out!("no sharded table: the home shard ({})", ShardMap::HOME);
     }
     for (table, to) in routes {
-        println!("{table}: {to}");
+        out!("{table}: {to}");
     }
     Ok(())
 }
@@ -387,16 +395,16 @@ fn done(json: bool, what: &str, epoch: u64) -> anyhow::Result<()> {
         print_json(&json!({"ok": true, "message": what, "epoch": epoch}))
     } else {
         if epoch > 0 {
-            println!("{what} (epoch {epoch})");
+            out!("{what} (epoch {epoch})");
         } else {
-            println!("{what}");
+            out!("{what}");
         }
         Ok(())
     }
 }
 
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    out!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -414,12 +422,12 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        out!("{}", padded.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     line(widths.iter().map(|w| "-".repeat(*w)).collect());
     if rows.is_empty() {
-        println!("(none)");
+        out!("(none)");
     }
     for row in rows {
         line(row);
