@@ -1,5 +1,7 @@
-//! Router micro-benchmarks: hashing each key type to its partition, and
-//! parsing a statement uncached (what the statement cache saves).
+//! Router micro-benchmarks: hashing each key type to its partition, parsing
+//! a statement uncached (what the statement cache saves), and routing a
+//! cached point SELECT and INSERT with bound parameters (issue 4's goal:
+//! under 2 µs each).
 //!
 //! `cargo bench -p benches --bench router`
 
@@ -33,5 +35,78 @@ fn parsing(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hashing, parsing);
+/// accounts(id int8) over 4 shards, 64 partitions.
+fn shard_map() -> router::ShardMap {
+    use router::{placement, Group, KeyType, Partition, PartitionState, Shard, ShardId, Table};
+    let shards: Vec<ShardId> = (0..4).map(ShardId).collect();
+    let mut map = router::ShardMap::default();
+    for &id in &shards {
+        let primary = format!("127.0.0.1:{}", 5432 + id.0);
+        map.shards.insert(
+            id,
+            Shard {
+                id,
+                primary,
+                replicas: vec![],
+            },
+        );
+    }
+    let partitions = placement::target(64, &shards)
+        .into_iter()
+        .map(|owner| Partition {
+            owner,
+            state: PartitionState::Stable,
+        })
+        .collect();
+    let name = "int8_64".to_owned();
+    let key_type = KeyType::Int8;
+    map.groups.insert(
+        name.clone(),
+        Group {
+            name: name.clone(),
+            key_type,
+            partitions,
+        },
+    );
+    let table = Table {
+        name: "accounts".into(),
+        key: "id".into(),
+        key_type,
+        group: name,
+    };
+    map.tables.insert("accounts".into(), table);
+    map
+}
+
+fn routing(c: &mut Criterion) {
+    let map = shard_map();
+    let cache = router::AnalysisCache::new(10_000);
+    let key = 123_456i64.to_be_bytes();
+    let values = [Some(&key[..]), Some(&b"100"[..])];
+    let formats = [1i16, 0];
+    for (name, sql) in [
+        (
+            "route_cached_point_select",
+            "SELECT id, balance FROM accounts WHERE id = $1",
+        ),
+        (
+            "route_cached_insert",
+            "INSERT INTO accounts (id, balance) VALUES ($1, $2)",
+        ),
+    ] {
+        cache.get_or_analyse(sql, &map); // warm: the statement is cached
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let analysis = cache.get_or_analyse(black_box(sql), &map);
+                let params = router::Params {
+                    values: &values,
+                    formats: &formats,
+                };
+                router::route(&analysis, &map, params)
+            })
+        });
+    }
+}
+
+criterion_group!(benches, hashing, parsing, routing);
 criterion_main!(benches);

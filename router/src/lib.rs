@@ -7,12 +7,14 @@ mod error;
 pub mod hash;
 pub mod key_param;
 pub mod placement;
+pub mod route;
 mod session_effect;
 mod shard_map;
 
 pub use analysis::{analyse, Analysis, AnalysisCache, KeySource, StatementKind, TableTarget};
 pub use effects_cache::EffectsCache;
 pub use error::{Error, Result};
+pub use route::{route, Params, Route};
 pub use session_effect::{
     may_have_session_effects, session_effects, try_session_effects, SessionEffect,
 };
