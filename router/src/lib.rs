@@ -1,6 +1,7 @@
 //! Statement parsing with PostgreSQL's own grammar (pg_query) and the decisions made from it.
 
 pub mod analysis;
+pub mod copy_split;
 pub mod ddl;
 mod effects_cache;
 mod error;

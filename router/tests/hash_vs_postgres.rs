@@ -316,3 +316,156 @@ async fn rows_are_accepted_only_by_the_shard_owning_their_partition() {
         );
     }
 }
+
+/// COPY data as PostgreSQL itself writes it (text and CSV, with tabs,
+/// newlines, quotes and backslashes in the values), cut into random chunks,
+/// split by `CopySplitter`, and copied into two shard databases: every row is
+/// accepted by the shard owning its partition (a wrong one would fail the
+/// COPY), and none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_rows_split_by_the_router_land_on_their_owners() {
+    use futures_util::{pin_mut, SinkExt, StreamExt};
+    use router::copy_split::{CopyFormat, CopyLayout, CopySplitter, Piece};
+    use router::{placement, Group, KeyType, Partition, PartitionState, ShardId, Table};
+
+    let seed = seed();
+    eprintln!("HASH_TEST_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pg = tokio::task::spawn_blocking(testkit::Cluster::start)
+        .await
+        .expect("join")
+        .expect("PostgreSQL starts");
+    let source = pg.connect().await.expect("connect");
+    source
+        .batch_execute("CREATE TABLE src (note text, id int8, tag text)")
+        .await
+        .expect("source table");
+    let ids: Vec<i64> = (0..2000)
+        .map(|_| rng.gen_range(-1_000_000..1_000_000))
+        .collect();
+    let notes: Vec<String> = ids
+        .iter()
+        .map(|_| {
+            let mut s = random_text(&mut rng);
+            for special in ["\t", "\n", "\"", "\\", ",", "\r"] {
+                if rng.gen_bool(0.2) {
+                    s.push_str(special);
+                }
+            }
+            s
+        })
+        .collect();
+    source
+        .execute(
+            "INSERT INTO src SELECT n, i, 'x,y' FROM unnest($1::text[], $2::int8[]) AS u(n, i)",
+            &[&notes, &ids],
+        )
+        .await
+        .expect("rows");
+
+    let shards = [ShardId(0), ShardId(1)];
+    let group = Group {
+        name: "int8_8".into(),
+        key_type: KeyType::Int8,
+        partitions: placement::target(8, &shards)
+            .into_iter()
+            .map(|owner| Partition {
+                owner,
+                state: PartitionState::Stable,
+            })
+            .collect(),
+    };
+    let table = Table {
+        name: "notes".into(),
+        key: "id".into(),
+        key_type: KeyType::Int8,
+        group: group.name.clone(),
+    };
+    for (format, options) in [
+        (CopyFormat::Text, ""),
+        (CopyFormat::Csv, " WITH (FORMAT csv)"),
+    ] {
+        // PostgreSQL writes the data.
+        let out = source
+            .copy_out(&format!("COPY src TO STDOUT{options}"))
+            .await
+            .expect("copy out");
+        pin_mut!(out);
+        let mut data = Vec::new();
+        while let Some(chunk) = out.next().await {
+            data.extend_from_slice(&chunk.expect("copy data"));
+        }
+        // The router splits it in arbitrary chunks.
+        let mut splitter = CopySplitter::new(CopyLayout::new(format, 1, KeyType::Int8, 8));
+        let mut per_shard: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        let mut rows = 0;
+        let mut rest = &data[..];
+        let mut pieces = Vec::new();
+        while !rest.is_empty() {
+            let n = rng.gen_range(1..=rest.len().min(300));
+            pieces.extend(splitter.feed(&rest[..n]).expect("split"));
+            rest = &rest[n..];
+        }
+        pieces.extend(splitter.finish().expect("finish"));
+        for piece in pieces {
+            match piece {
+                Piece::Row { partition, bytes } => {
+                    let owner = group.partitions[partition as usize].owner.0 as usize;
+                    per_shard[owner].extend_from_slice(&bytes);
+                    rows += 1;
+                }
+                Piece::Shared(_) => {}
+            }
+        }
+        assert_eq!(rows, ids.len(), "{format:?}: rows lost or invented");
+        // Each shard accepts exactly its rows.
+        let mut copied = 0u64;
+        for shard in shards {
+            let db_name = format!(
+                "copy_{}_{}",
+                if format == CopyFormat::Text {
+                    "text"
+                } else {
+                    "csv"
+                },
+                shard.0
+            );
+            pg.connect()
+                .await
+                .expect("connect")
+                .batch_execute(&format!("CREATE DATABASE {db_name}"))
+                .await
+                .expect("database");
+            let db = pg.connect_to(&db_name).await.expect("connect to shard");
+            for statement in router::ddl::create_on_shard(
+                "CREATE TABLE notes (note text, id int8, tag text)",
+                &table,
+                &group,
+                shard,
+            )
+            .expect("layout")
+            {
+                db.batch_execute(&statement).await.expect("layout");
+            }
+            let sink = db
+                .copy_in(&format!("COPY notes FROM STDIN{options}"))
+                .await
+                .expect("copy in");
+            pin_mut!(sink);
+            sink.send(bytes::Bytes::from(per_shard[shard.0 as usize].clone()))
+                .await
+                .unwrap_or_else(|e| panic!("{format:?}: shard {} rejected rows: {e}", shard.0));
+            copied += sink
+                .finish()
+                .await
+                .unwrap_or_else(|e| panic!("{format:?}: shard {} rejected rows: {e}", shard.0));
+            let stored: i64 = db
+                .query_one("SELECT count(*) FROM notes", &[])
+                .await
+                .expect("count")
+                .get(0);
+            assert!(stored > 0, "{format:?}: shard {} got no rows", shard.0);
+        }
+        assert_eq!(copied, ids.len() as u64);
+    }
+}
