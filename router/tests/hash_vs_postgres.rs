@@ -250,7 +250,7 @@ fn parse_uuid(s: &str) -> [u8; 16] {
 /// the same row sent to the other shard is rejected by PostgreSQL itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_are_accepted_only_by_the_shard_owning_their_partition() {
-    use router::{placement, Group, KeyType, Partition, PartitionState, ShardId, Table};
+    use router::ShardId;
 
     let pg = tokio::task::spawn_blocking(testkit::Cluster::start)
         .await
@@ -264,23 +264,7 @@ async fn rows_are_accepted_only_by_the_shard_owning_their_partition() {
             .expect("database");
     }
     let shards = [ShardId(0), ShardId(1)];
-    let group = Group {
-        name: "int8_16".into(),
-        key_type: KeyType::Int8,
-        partitions: placement::target(16, &shards)
-            .into_iter()
-            .map(|owner| Partition {
-                owner,
-                state: PartitionState::Stable,
-            })
-            .collect(),
-    };
-    let table = Table {
-        name: "accounts".into(),
-        key: "id".into(),
-        key_type: KeyType::Int8,
-        group: group.name.clone(),
-    };
+    let (table, group) = int8_table("accounts", 16, &shards);
     let mut dbs = Vec::new();
     for shard in shards {
         let db = pg
@@ -326,7 +310,7 @@ async fn rows_are_accepted_only_by_the_shard_owning_their_partition() {
 async fn copy_rows_split_by_the_router_land_on_their_owners() {
     use futures_util::{pin_mut, SinkExt, StreamExt};
     use router::copy_split::{CopyFormat, CopyLayout, CopySplitter, Piece};
-    use router::{placement, Group, KeyType, Partition, PartitionState, ShardId, Table};
+    use router::{KeyType, ShardId};
 
     let seed = seed();
     eprintln!("HASH_TEST_SEED={seed}");
@@ -364,23 +348,7 @@ async fn copy_rows_split_by_the_router_land_on_their_owners() {
         .expect("rows");
 
     let shards = [ShardId(0), ShardId(1)];
-    let group = Group {
-        name: "int8_8".into(),
-        key_type: KeyType::Int8,
-        partitions: placement::target(8, &shards)
-            .into_iter()
-            .map(|owner| Partition {
-                owner,
-                state: PartitionState::Stable,
-            })
-            .collect(),
-    };
-    let table = Table {
-        name: "notes".into(),
-        key: "id".into(),
-        key_type: KeyType::Int8,
-        group: group.name.clone(),
-    };
+    let (table, group) = int8_table("notes", 8, &shards);
     for (format, options) in [
         (CopyFormat::Text, ""),
         (CopyFormat::Csv, " WITH (FORMAT csv)"),
@@ -468,4 +436,31 @@ async fn copy_rows_split_by_the_router_land_on_their_owners() {
         }
         assert_eq!(copied, ids.len() as u64);
     }
+}
+
+/// A sharded table `name` keyed by `id int8`, its group placed over `shards`.
+fn int8_table(
+    name: &str,
+    modulus: u32,
+    shards: &[router::ShardId],
+) -> (router::Table, router::Group) {
+    use router::{placement, Group, KeyType, Partition, PartitionState, Table};
+    let group = Group {
+        name: format!("int8_{modulus}"),
+        key_type: KeyType::Int8,
+        partitions: placement::target(modulus, shards)
+            .into_iter()
+            .map(|owner| Partition {
+                owner,
+                state: PartitionState::Stable,
+            })
+            .collect(),
+    };
+    let table = Table {
+        name: name.into(),
+        key: "id".into(),
+        key_type: KeyType::Int8,
+        group: group.name.clone(),
+    };
+    (table, group)
 }
