@@ -364,6 +364,18 @@ fn print_route(map: &ShardMap, sql: &str, json: bool) -> anyhow::Result<()> {
     if let Some(why) = &analysis.refusal {
         out!("refused: {why}");
     }
+    match router::hint::hint(sql) {
+        Err(why) => out!("refused: {why}"),
+        Ok(None) => {}
+        Ok(Some(hint)) => {
+            let route = router::route(&analysis, map, router::Params::default());
+            match router::hint::apply_hint(route, &hint, &analysis, map) {
+                router::Route::Shard(s) => out!("routing hint: shard {s}"),
+                router::Route::Refused(why) => out!("refused: {why}"),
+                other => out!("routing hint: {other:?}"),
+            }
+        }
+    }
     if routes.is_empty() {
         out!("no sharded table: the home shard ({})", ShardMap::HOME);
     }

@@ -6,6 +6,7 @@ pub mod ddl;
 mod effects_cache;
 mod error;
 pub mod hash;
+pub mod hint;
 pub mod key_param;
 pub mod placement;
 pub mod route;

@@ -131,6 +131,14 @@ fn three_meta_processes_form_a_group_that_admin_can_change() {
     assert_eq!(text.trim(), format!("accounts: shard {owner}"));
     let route = admin(&all, &["route", "SELECT count(*) FROM accounts"]);
     assert!(String::from_utf8_lossy(&route.stdout).contains("every shard"));
+    let route = admin(
+        &all,
+        &[
+            "route",
+            "/* shardline: shard=1 */ SELECT count(*) FROM accounts",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&route.stdout).contains("routing hint: shard 1"));
     let tables = json(&admin(&all, &["--json", "tables"]));
     assert_eq!(tables[0]["name"], "accounts");
     let status = json(&admin(&all, &["--json", "status"]));
