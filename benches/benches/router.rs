@@ -51,23 +51,10 @@ fn shard_map() -> router::ShardMap {
             },
         );
     }
-    let partitions = placement::target(64, &shards)
-        .into_iter()
-        .map(|owner| Partition {
-            owner,
-            state: PartitionState::Stable,
-        })
-        .collect();
     let name = "int8_64".to_owned();
     let key_type = KeyType::Int8;
-    map.groups.insert(
-        name.clone(),
-        Group {
-            name: name.clone(),
-            key_type,
-            partitions,
-        },
-    );
+    let group = placement::placed_group(&name, key_type, 64, &shards);
+    map.groups.insert(name.clone(), group);
     let table = Table {
         name: "accounts".into(),
         key: "id".into(),

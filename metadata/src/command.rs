@@ -8,9 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use router::{
-    placement, Group, KeyType, Partition, PartitionState, Shard, ShardId, ShardMap, Table,
-};
+use router::{placement, Group, KeyType, PartitionState, Shard, ShardId, ShardMap, Table};
 
 use crate::state::{MetaState, ProxyLease};
 
@@ -154,15 +152,12 @@ impl Command {
                 if map.tables.contains_key(name) {
                     return refuse(format!("table {name} is already declared"));
                 }
-                let modulus = partitions.unwrap_or(PARTITIONS_DEFAULT);
+                let (group, modulus) = group_of(*key_type, group, *partitions);
                 if modulus == 0 || modulus > PARTITIONS_MAX {
                     return refuse(format!(
                         "partitions must be between 1 and {PARTITIONS_MAX}, not {modulus}"
                     ));
                 }
-                let group = group
-                    .clone()
-                    .unwrap_or_else(|| Group::default_name(*key_type, modulus));
                 match map.groups.get(&group) {
                     Some(g) => {
                         if g.key_type != *key_type {
@@ -276,27 +271,11 @@ impl Command {
                 group,
                 partitions,
             } => {
-                let modulus = partitions.unwrap_or(PARTITIONS_DEFAULT);
-                let group = group
-                    .clone()
-                    .unwrap_or_else(|| Group::default_name(*key_type, modulus));
+                let (group, modulus) = group_of(*key_type, group, *partitions);
                 if !map.groups.contains_key(&group) {
                     let shards: Vec<ShardId> = map.shards.keys().copied().collect();
-                    let partitions = placement::target(modulus, &shards)
-                        .into_iter()
-                        .map(|owner| Partition {
-                            owner,
-                            state: PartitionState::Stable,
-                        })
-                        .collect();
-                    map.groups.insert(
-                        group.clone(),
-                        Group {
-                            name: group.clone(),
-                            key_type: *key_type,
-                            partitions,
-                        },
-                    );
+                    let placed = placement::placed_group(&group, *key_type, modulus, &shards);
+                    map.groups.insert(group.clone(), placed);
                 }
                 map.tables.insert(
                     name.clone(),
@@ -359,6 +338,16 @@ impl Command {
         }
         Ok(())
     }
+}
+
+/// The group a declared table joins (named, or the default one for its key
+/// type and modulus) and the modulus it asks for.
+fn group_of(key_type: KeyType, group: &Option<String>, partitions: Option<u32>) -> (String, u32) {
+    let modulus = partitions.unwrap_or(PARTITIONS_DEFAULT);
+    let name = group
+        .clone()
+        .unwrap_or_else(|| Group::default_name(key_type, modulus));
+    (name, modulus)
 }
 
 fn check_address(addr: &str) -> Result<(), Refused> {

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::log_store::LogStore;
 use crate::network::{Cut, Network};
 use crate::rpc::{read_frame, write_frame, ClusterStatus, Request, Response};
-use crate::state::now_ms;
+use crate::state::{now_ms, MetaState};
 use crate::state_machine::StateMachineStore;
 use crate::types::{NodeId, Raft};
 
@@ -333,41 +333,50 @@ async fn propose(node: &Inner, command: Command) -> Response {
     }
 }
 
-async fn read(node: &Inner) -> Response {
+/// The applied state once it is known to be current (linearizable), with
+/// the leader's clock; otherwise the reply to send instead.
+async fn linearizable(node: &Inner) -> Result<(Arc<MetaState>, u64), Response> {
     match node.raft.ensure_linearizable().await {
-        Ok(_) => Response::State {
-            state: (*node.sm.state()).clone(),
-            now_ms: now_ms(),
-        },
+        Ok(_) => Ok((node.sm.state(), now_ms())),
         Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-            not_leader(node, f.leader_id)
+            Err(not_leader(node, f.leader_id))
         }
-        Err(e) => Response::Failed(e.to_string()),
+        Err(e) => Err(Response::Failed(e.to_string())),
+    }
+}
+
+async fn read(node: &Inner) -> Response {
+    match linearizable(node).await {
+        Ok((state, now_ms)) => Response::State {
+            state: (*state).clone(),
+            now_ms,
+        },
+        Err(reply) => reply,
     }
 }
 
 async fn status(node: &Inner) -> Response {
-    if let Response::State { state, now_ms } = read(node).await {
-        let metrics = node.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let members = membership
-            .nodes()
-            .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
-            .collect();
-        Response::Status(Box::new(ClusterStatus {
-            leader: metrics.current_leader,
-            term: metrics.current_term,
-            members,
-            last_applied: metrics.last_applied.map(|l| l.index),
-            epoch: state.map.epoch.0,
-            acks: state.acks(state.map.epoch, now_ms),
-            proxies: state.proxies.values().cloned().collect(),
-            now_ms,
-        }))
-    } else {
-        read(node).await
-    }
+    let (state, now_ms) = match linearizable(node).await {
+        Ok(current) => current,
+        Err(reply) => return reply,
+    };
+    let metrics = node.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let members = membership
+        .nodes()
+        .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
+        .collect();
+    Response::Status(Box::new(ClusterStatus {
+        leader: metrics.current_leader,
+        term: metrics.current_term,
+        members,
+        last_applied: metrics.last_applied.map(|l| l.index),
+        epoch: state.map.epoch.0,
+        acks: state.acks(state.map.epoch, now_ms),
+        proxies: state.proxies.values().cloned().collect(),
+        now_ms,
+    }))
 }
 
 async fn add_member(node: &Inner, id: NodeId, addr: String) -> Response {

@@ -227,12 +227,7 @@ async fn snapshot_installs_into_a_fresh_state_machine() {
     // Arrange: a leader state machine with shards, a table and a proxy.
     let mut leader = StateMachineStore::new();
     leader.apply(populated()).await.expect("apply");
-    let snapshot = leader
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("build_snapshot");
+    let snapshot = snapshot_of(&mut leader).await;
     assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 1, 5)));
 
     // Act: stream it into a fresh follower.
@@ -277,12 +272,7 @@ async fn a_snapshot_that_does_not_match_its_meta_is_refused() {
         .apply([normal(1, 1, add_shard(0))])
         .await
         .expect("apply");
-    let snapshot = leader
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("build_snapshot");
+    let snapshot = snapshot_of(&mut leader).await;
     let mut follower = StateMachineStore::new();
 
     let mut wrong_meta = snapshot.meta.clone();
@@ -408,12 +398,7 @@ async fn a_built_snapshot_survives_reopen() {
     let (state, applied, snapshot) = {
         let mut sm = StateMachineStore::open(dir.path()).expect("open");
         sm.apply(populated()).await.expect("apply");
-        let snapshot = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .expect("build_snapshot");
+        let snapshot = snapshot_of(&mut sm).await;
         let at_snapshot = (
             sm.state(),
             sm.applied_state().await.expect("applied_state"),
@@ -448,11 +433,7 @@ async fn a_built_snapshot_survives_reopen() {
 
     // A later snapshot replaces it on disk.
     sm.apply([normal(1, 6, add_shard(2))]).await.expect("apply");
-    sm.get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("build_snapshot");
+    snapshot_of(&mut sm).await;
     let state = sm.state();
     drop(sm);
     let sm = StateMachineStore::open(dir.path()).expect("reopen");
@@ -464,12 +445,7 @@ async fn a_built_snapshot_survives_reopen() {
 async fn an_installed_snapshot_survives_reopen() {
     let mut leader = StateMachineStore::new();
     leader.apply(populated()).await.expect("apply");
-    let snapshot = leader
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("build_snapshot");
+    let snapshot = snapshot_of(&mut leader).await;
     let dir = tempfile::tempdir().expect("a temp dir can be created");
     {
         let mut follower = StateMachineStore::open(dir.path()).expect("open");
@@ -520,11 +496,7 @@ async fn a_snapshot_file_that_does_not_decode_is_an_error() {
     {
         let mut sm = StateMachineStore::open(dir.path()).expect("open");
         sm.apply(populated()).await.expect("apply");
-        sm.get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .expect("build_snapshot");
+        snapshot_of(&mut sm).await;
     }
     let path = dir.path().join(SNAPSHOT_FILE);
     let bytes = std::fs::read(&path).expect("the snapshot was saved");
@@ -541,4 +513,13 @@ async fn a_snapshot_file_that_does_not_decode_is_an_error() {
             "{what}: opened anyway"
         );
     }
+}
+
+/// Builds a snapshot of `sm` as openraft would.
+async fn snapshot_of(sm: &mut StateMachineStore) -> openraft::Snapshot<TypeConfig> {
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build_snapshot")
 }

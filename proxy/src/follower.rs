@@ -75,15 +75,7 @@ async fn run(follower: Arc<MapFollower>, client: MetaClient, addr: String, ttl: 
                 *follower.map.write().expect("lock poisoned") = map;
                 tracing::debug!(epoch, "shard map applied");
                 if registered && epoch > acked {
-                    // Acknowledged from a task of its own: a slow leader must not
-                    // hold up applying the next map.
-                    let client = client.clone();
-                    let id = id.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = client.propose(Command::AckEpoch { id, epoch }).await {
-                            tracing::debug!(error = %e, epoch, "acknowledging the epoch failed");
-                        }
-                    });
+                    acknowledge(&client, &id, epoch);
                     acked = epoch;
                 }
             }
@@ -105,7 +97,7 @@ async fn run(follower: Arc<MapFollower>, client: MetaClient, addr: String, ttl: 
                             Some(sent + ttl - margin);
                         let epoch = follower.map().epoch.0;
                         if epoch > acked {
-                            let _ = client.propose(Command::AckEpoch { id: id.clone(), epoch }).await;
+                            acknowledge(&client, &id, epoch);
                             acked = epoch;
                         }
                     }
@@ -119,4 +111,16 @@ async fn run(follower: Arc<MapFollower>, client: MetaClient, addr: String, ttl: 
             }
         }
     }
+}
+
+/// Acknowledges `epoch` from a task of its own: a slow leader must not hold
+/// up applying the next map or renewing the lease.
+fn acknowledge(client: &MetaClient, id: &str, epoch: u64) {
+    let client = client.clone();
+    let id = id.to_owned();
+    tokio::spawn(async move {
+        if let Err(e) = client.propose(Command::AckEpoch { id, epoch }).await {
+            tracing::debug!(error = %e, epoch, "acknowledging the epoch failed");
+        }
+    });
 }

@@ -164,41 +164,13 @@ pub fn hash_bytes_extended(k: &[u8], seed: u64) -> u64 {
         mix(&mut a, &mut b, &mut c);
         k = &k[12..];
     }
-    // The last 0..=11 bytes, little-endian into a, b, c (c's low byte unused).
-    let n = k.len();
-    if n >= 11 {
-        c = c.wrapping_add((k[10] as u32) << 24);
-    }
-    if n >= 10 {
-        c = c.wrapping_add((k[9] as u32) << 16);
-    }
-    if n >= 9 {
-        c = c.wrapping_add((k[8] as u32) << 8);
-    }
-    if n >= 8 {
-        b = b.wrapping_add((k[7] as u32) << 24);
-    }
-    if n >= 7 {
-        b = b.wrapping_add((k[6] as u32) << 16);
-    }
-    if n >= 6 {
-        b = b.wrapping_add((k[5] as u32) << 8);
-    }
-    if n >= 5 {
-        b = b.wrapping_add(k[4] as u32);
-    }
-    if n >= 4 {
-        a = a.wrapping_add((k[3] as u32) << 24);
-    }
-    if n >= 3 {
-        a = a.wrapping_add((k[2] as u32) << 16);
-    }
-    if n >= 2 {
-        a = a.wrapping_add((k[1] as u32) << 8);
-    }
-    if n >= 1 {
-        a = a.wrapping_add(k[0] as u32);
-    }
+    // The last 0..=11 bytes, little-endian into a, b and c, zero-padded;
+    // c's low byte is left for the length (lookup3's `hashlittle` tail).
+    let mut tail = [0u8; 12];
+    tail[..k.len()].copy_from_slice(k);
+    a = a.wrapping_add(le32(&tail[0..4]));
+    b = b.wrapping_add(le32(&tail[4..8]));
+    c = c.wrapping_add(le32(&tail[8..12]) << 8);
     finish(&mut a, &mut b, &mut c);
     ((b as u64) << 32) | c as u64
 }

@@ -181,18 +181,7 @@ mod tests {
                 },
             );
         }
-        let partitions = crate::placement::target(8, &shards)
-            .into_iter()
-            .map(|owner| Partition {
-                owner,
-                state: PartitionState::Stable,
-            })
-            .collect();
-        let group = Group {
-            name: "g".into(),
-            key_type: KeyType::Int8,
-            partitions,
-        };
+        let group = crate::placement::placed_group("g", KeyType::Int8, 8, &shards);
         map.groups.insert("g".into(), group);
         let table = Table {
             name: "t".into(),

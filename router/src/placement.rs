@@ -8,7 +8,7 @@
 
 use twox_hash::XxHash3_64;
 
-use crate::shard_map::{Group, PartitionIdx, ShardId};
+use crate::shard_map::{Group, KeyType, Partition, PartitionIdx, PartitionState, ShardId};
 
 /// The rendezvous score of `shard` for `partition`.
 pub fn score(partition: PartitionIdx, shard: ShardId) -> u64 {
@@ -35,6 +35,21 @@ pub fn target(modulus: u32, shards: &[ShardId]) -> Vec<ShardId> {
     (0..modulus)
         .map(|i| owner(PartitionIdx(i), shards).expect("shards is not empty"))
         .collect()
+}
+
+/// A new group of `modulus` partitions, each stable on its rendezvous owner.
+pub fn placed_group(name: &str, key_type: KeyType, modulus: u32, shards: &[ShardId]) -> Group {
+    Group {
+        name: name.to_owned(),
+        key_type,
+        partitions: target(modulus, shards)
+            .into_iter()
+            .map(|owner| Partition {
+                owner,
+                state: PartitionState::Stable,
+            })
+            .collect(),
+    }
 }
 
 /// A partition whose current owner differs from its target.

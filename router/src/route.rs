@@ -179,20 +179,8 @@ mod tests {
             ("accounts", "id", KeyType::Int8, "int8_16"),
             ("users", "name", KeyType::Text, "text_16"),
         ] {
-            map.groups.insert(
-                group.into(),
-                Group {
-                    name: group.into(),
-                    key_type,
-                    partitions: placement::target(16, &shards)
-                        .into_iter()
-                        .map(|owner| Partition {
-                            owner,
-                            state: PartitionState::Stable,
-                        })
-                        .collect(),
-                },
-            );
+            let placed = placement::placed_group(group, key_type, 16, &shards);
+            map.groups.insert(group.into(), placed);
             map.tables.insert(
                 table.into(),
                 Table {

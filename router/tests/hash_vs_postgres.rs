@@ -45,6 +45,22 @@ fn edge_ints() -> Vec<i64> {
     ]
 }
 
+/// The remainder in a partition's name `<table>_p<remainder>`.
+fn remainder(partition: &str) -> u32 {
+    partition
+        .rsplit("_p")
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("partition name ends in _p<remainder>")
+}
+
+async fn postgres() -> testkit::Cluster {
+    tokio::task::spawn_blocking(testkit::Cluster::start)
+        .await
+        .expect("join")
+        .expect("PostgreSQL starts")
+}
+
 /// Creates `name` hash-partitioned on `columns` into `modulus` partitions
 /// named `<name>_p<remainder>`.
 async fn partitioned(
@@ -78,12 +94,7 @@ async fn placed(db: &tokio_postgres::Client, name: &str, key_text: &str) -> Vec<
         .map(|r| {
             let key: String = r.get(0);
             let table: String = r.get(1);
-            let remainder = table
-                .rsplit("_p")
-                .next()
-                .and_then(|n| n.parse().ok())
-                .expect("partition name ends in _p<remainder>");
-            (key, remainder)
+            (key, remainder(&table))
         })
         .collect()
 }
@@ -93,10 +104,7 @@ async fn partitions_match_postgresql_for_every_key_type() {
     let seed = seed();
     eprintln!("HASH_TEST_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let pg = tokio::task::spawn_blocking(testkit::Cluster::start)
-        .await
-        .expect("join")
-        .expect("PostgreSQL starts");
+    let pg = postgres().await;
     let db = pg.connect().await.expect("connect");
     let mismatch = |what: &str, key: &str, ours: u32, theirs: u32| -> String {
         format!("{what} key {key:?}: router says partition {ours}, PostgreSQL put it in {theirs} (HASH_TEST_SEED={seed})")
@@ -206,11 +214,7 @@ async fn partitions_match_postgresql_for_every_key_type() {
             let a: Option<i64> = r.get(0);
             let b: Option<String> = r.get(1);
             let table: String = r.get(2);
-            let theirs: u32 = table
-                .rsplit("_p")
-                .next()
-                .and_then(|n| n.parse().ok())
-                .expect("remainder");
+            let theirs = remainder(&table);
             let a = a.map(KeyValue::Int8);
             let b = b.map(|s| KeyValue::Text(s.into_bytes()));
             let ours = partition_of(&[a.as_ref(), b.as_ref()], modulus);
@@ -252,10 +256,7 @@ fn parse_uuid(s: &str) -> [u8; 16] {
 async fn rows_are_accepted_only_by_the_shard_owning_their_partition() {
     use router::ShardId;
 
-    let pg = tokio::task::spawn_blocking(testkit::Cluster::start)
-        .await
-        .expect("join")
-        .expect("PostgreSQL starts");
+    let pg = postgres().await;
     let admin = pg.connect().await.expect("connect");
     for db in ["shard0", "shard1"] {
         admin
@@ -315,10 +316,7 @@ async fn copy_rows_split_by_the_router_land_on_their_owners() {
     let seed = seed();
     eprintln!("HASH_TEST_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let pg = tokio::task::spawn_blocking(testkit::Cluster::start)
-        .await
-        .expect("join")
-        .expect("PostgreSQL starts");
+    let pg = postgres().await;
     let source = pg.connect().await.expect("connect");
     source
         .batch_execute("CREATE TABLE src (note text, id int8, tag text)")
@@ -444,18 +442,8 @@ fn int8_table(
     modulus: u32,
     shards: &[router::ShardId],
 ) -> (router::Table, router::Group) {
-    use router::{placement, Group, KeyType, Partition, PartitionState, Table};
-    let group = Group {
-        name: format!("int8_{modulus}"),
-        key_type: KeyType::Int8,
-        partitions: placement::target(modulus, shards)
-            .into_iter()
-            .map(|owner| Partition {
-                owner,
-                state: PartitionState::Stable,
-            })
-            .collect(),
-    };
+    use router::{placement, KeyType, Table};
+    let group = placement::placed_group(&format!("int8_{modulus}"), KeyType::Int8, modulus, shards);
     let table = Table {
         name: name.into(),
         key: "id".into(),
