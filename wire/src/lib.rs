@@ -11,6 +11,7 @@ mod error;
 mod frame;
 pub mod frontend;
 mod read;
+pub mod rows;
 mod startup;
 
 pub use error::{Error, Result};
