@@ -401,3 +401,74 @@ mod tests {
         assert!(s.feed(&[b'1'; 32]).is_err(), "a row over the bound");
     }
 }
+
+/// The options of a `COPY ... FROM STDIN` that decide how its rows are
+/// read: `(format, delimiter, header)`. Options that change how a field is
+/// quoted or which text is NULL are refused: the splitter would then read
+/// the key differently from PostgreSQL.
+pub fn copy_options(sql: &str) -> Result<(CopyFormat, Option<u8>, bool), String> {
+    use pg_query::protobuf::node::Node as N;
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT)
+        .map_err(|e| e.to_string())?
+        .protobuf;
+    let Some(N::CopyStmt(copy)) = parsed
+        .stmts
+        .first()
+        .and_then(|s| s.stmt.as_ref())
+        .and_then(|s| s.node.as_ref())
+    else {
+        return Err("not a COPY statement".into());
+    };
+    let (mut format, mut delimiter, mut header) = (CopyFormat::Text, None, false);
+    for option in &copy.options {
+        let Some(N::DefElem(d)) = option.node.as_ref() else {
+            continue;
+        };
+        let value = match d.arg.as_ref().and_then(|a| a.node.as_ref()) {
+            Some(N::String(s)) => Some(s.sval.to_ascii_lowercase()),
+            Some(N::Boolean(b)) => Some(b.boolval.to_string()),
+            Some(N::Integer(i)) => Some(i.ival.to_string()),
+            _ => None,
+        };
+        match (d.defname.as_str(), value.as_deref()) {
+            ("format", Some("text")) => format = CopyFormat::Text,
+            ("format", Some("csv")) => format = CopyFormat::Csv,
+            ("delimiter", Some(v)) if v.len() == 1 => delimiter = Some(v.as_bytes()[0]),
+            ("header", None | Some("true" | "on" | "1")) => header = true,
+            ("header", Some("false" | "off" | "0")) => header = false,
+            ("freeze" | "encoding", _) => {}
+            (name, value) => {
+                return Err(format!(
+                    "COPY option {name}{} is not supported for a sharded table (Shardline splits \
+                     the rows by key: text or CSV format, DELIMITER and HEADER only)",
+                    value.map(|v| format!(" {v}")).unwrap_or_default()
+                ))
+            }
+        }
+    }
+    Ok((format, delimiter, header))
+}
+
+#[cfg(test)]
+mod option_tests {
+    use super::*;
+
+    #[test]
+    fn copy_options_are_read_or_refused() {
+        assert_eq!(
+            copy_options("COPY t (a) FROM STDIN").unwrap(),
+            (CopyFormat::Text, None, false)
+        );
+        assert_eq!(
+            copy_options("COPY t (a) FROM STDIN WITH (FORMAT csv, HEADER, DELIMITER ';')").unwrap(),
+            (CopyFormat::Csv, Some(b';'), true)
+        );
+        assert_eq!(
+            copy_options("COPY t (a) FROM STDIN CSV HEADER").unwrap(),
+            (CopyFormat::Csv, None, true)
+        );
+        assert!(copy_options("COPY t (a) FROM STDIN (FORMAT binary)").is_err());
+        assert!(copy_options("COPY t (a) FROM STDIN (FORMAT csv, QUOTE '''')").is_err());
+        assert!(copy_options("COPY t (a) FROM STDIN (NULL 'x')").is_err());
+    }
+}

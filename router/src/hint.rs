@@ -167,7 +167,7 @@ mod tests {
     #[test]
     fn hints_decide_only_what_the_keys_leave_open() {
         use crate::analysis::analyse;
-        use crate::shard_map::{Group, KeyType, Partition, PartitionState, Shard, Table};
+        use crate::shard_map::{KeyType, Shard, Table};
         let shards = [ShardId(0), ShardId(1)];
         let mut map = ShardMap::default();
         for id in shards {

@@ -7,9 +7,12 @@ mod effects_cache;
 mod error;
 pub mod hash;
 pub mod hint;
+pub mod insert_split;
 pub mod key_param;
+pub mod merge;
 pub mod placement;
 pub mod route;
+pub mod scatter;
 mod session_effect;
 mod shard_map;
 
@@ -17,6 +20,9 @@ pub use analysis::{analyse, Analysis, AnalysisCache, KeySource, StatementKind, T
 pub use effects_cache::EffectsCache;
 pub use error::{Error, Result};
 pub use route::{route, Params, Route};
+pub use scatter::{
+    plan as plan_scatter, Bound, FinalPlan, Merge, Refusal, ScatterPlan, SortColumn, SortKey,
+};
 pub use session_effect::{
     may_have_session_effects, session_effects, try_session_effects, SessionEffect,
 };

@@ -45,7 +45,7 @@ impl Params<'_> {
     }
 
     /// Parameter `$n` (1-based): `Err` if it was not bound at all.
-    fn get(&self, n: u16) -> Result<(Option<&[u8]>, i16), String> {
+    pub(crate) fn get(&self, n: u16) -> Result<(Option<&[u8]>, i16), String> {
         let index = (n as usize)
             .checked_sub(1)
             .ok_or_else(|| "there is no parameter $0".to_owned())?;
@@ -92,14 +92,7 @@ fn target_shards(
     let Some(keys) = &target.keys else {
         return Ok(None);
     };
-    let table = map
-        .tables
-        .get(&target.table)
-        .ok_or_else(|| format!("table {} is no longer sharded; retry", target.table))?;
-    let group = map
-        .groups
-        .get(&table.group)
-        .ok_or_else(|| format!("group {} of table {} is missing", table.group, table.name))?;
+    let (table, group) = map.table_and_group(&target.table)?;
     let inserting = target.insert_rows > 0;
     let mut shards = BTreeSet::new();
     let mut place = |value: Option<&KeyValue>| {
@@ -136,7 +129,7 @@ fn target_shards(
 
 /// A key parameter. Binary integers may come in any integer width (a driver
 /// may send an int8 for an int4 key); the value, not the width, decides.
-fn param_key(key_type: KeyType, format: i16, bytes: &[u8]) -> Option<KeyValue> {
+pub(crate) fn param_key(key_type: KeyType, format: i16, bytes: &[u8]) -> Option<KeyValue> {
     let int_key = matches!(key_type, KeyType::Int2 | KeyType::Int4 | KeyType::Int8);
     if int_key && format == FORMAT_BINARY {
         let value: i64 = match *bytes {
@@ -155,14 +148,14 @@ fn param_key(key_type: KeyType, format: i16, bytes: &[u8]) -> Option<KeyValue> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::analysis::analyse;
     use crate::placement;
-    use crate::shard_map::{Group, Partition, PartitionState, Table};
+    use crate::shard_map::Table;
 
     /// accounts (int8 id) and users (text name) over shards 0..3, 16 partitions each.
-    fn map() -> ShardMap {
+    pub(crate) fn map() -> ShardMap {
         let shards = [ShardId(0), ShardId(1), ShardId(2)];
         let mut map = ShardMap::default();
         for s in shards {

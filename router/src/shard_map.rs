@@ -179,6 +179,20 @@ impl ShardMap {
     /// Unsharded tables live here.
     pub const HOME: ShardId = ShardId(0);
 
+    /// A sharded table and its colocation group, or the reason for the
+    /// client when the map (changed since the statement was analysed) lacks one.
+    pub fn table_and_group(&self, name: &str) -> Result<(&Table, &Group), String> {
+        let table = self
+            .tables
+            .get(name)
+            .ok_or_else(|| format!("table {name} is no longer sharded; retry"))?;
+        let group = self
+            .groups
+            .get(&table.group)
+            .ok_or_else(|| format!("group {} of table {} is missing", table.group, table.name))?;
+        Ok((table, group))
+    }
+
     /// How many partitions (of all groups) `shard` owns.
     pub fn partitions_owned(&self, shard: ShardId) -> usize {
         self.groups
