@@ -60,6 +60,15 @@ pub enum Error {
     ClientIo(std::io::Error),
     #[error("{0}")]
     Unsupported(String),
+    /// A statement Shardline cannot run correctly across shards; the
+    /// session carries on.
+    #[error("{0}")]
+    Refused(String),
+    /// A COPY row the proxy cannot route (its key does not read as the key type).
+    #[error("{0}")]
+    CopyData(String),
+    #[error("current transaction is aborted, commands ignored until end of transaction block")]
+    TransactionAborted,
     #[error("the proxy is shutting down")]
     ShuttingDown,
     #[error(
@@ -82,7 +91,10 @@ impl Error {
             | Error::UnknownDatabase(_)
             | Error::NoUser
             | Error::ClientIo(_)
-            | Error::Unsupported(_) => Kind::Client,
+            | Error::Unsupported(_)
+            | Error::Refused(_)
+            | Error::CopyData(_)
+            | Error::TransactionAborted => Kind::Client,
             Error::ServerUnavailable { .. }
             | Error::ServerIo(_)
             | Error::ServerProtocol(_)
@@ -114,7 +126,9 @@ impl Error {
             Error::ServerProtocol(_) => "08P01",
             Error::ServerAuth(_) => "08004",
             Error::ClientIo(_) => "08006",
-            Error::Unsupported(_) => "0A000",
+            Error::Unsupported(_) | Error::Refused(_) => "0A000",
+            Error::TransactionAborted => "25P02",
+            Error::CopyData(_) => "22P04",
             Error::ShuttingDown => "57P01",
             // Retryable by the usual transaction-retry logic of drivers and ORMs.
             Error::MapNotCurrent { .. } => "40001",
@@ -128,6 +142,9 @@ impl Error {
             Error::PoolExhausted { .. }
                 | Error::ServerUnavailable { .. }
                 | Error::MapNotCurrent { .. }
+                | Error::Refused(_)
+                | Error::CopyData(_)
+                | Error::TransactionAborted
         )
     }
 

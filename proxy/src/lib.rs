@@ -14,6 +14,7 @@ mod listener;
 pub mod params;
 pub mod pending;
 pub mod pool;
+pub mod scatter;
 pub mod server;
 pub mod session;
 pub mod shared;

@@ -101,7 +101,7 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let (slot, process_id, cbuf, pool, startup_params, cancel_target) = login;
+    let (slot, process_id, cbuf, pool, startup_params, cancel_target, (database, user)) = login;
     let session = Session::new(
         shared.clone(),
         Login {
@@ -110,6 +110,8 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
             pool,
             startup_params,
             cancel_target,
+            database,
+            user,
         },
     );
     if let Err(e) = session.run().await {
@@ -129,6 +131,7 @@ type LoggedIn = (
     Arc<crate::pool::Pool>,
     crate::server::ParamState,
     crate::cancel::CancelTarget,
+    (String, Arc<User>),
 );
 
 async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
@@ -250,6 +253,7 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
         pool,
         startup_params,
         cancel_target,
+        (database.name.clone(), user),
     )))
 }
 

@@ -155,10 +155,11 @@ impl Pool {
     }
 }
 
-/// All pools, by (client database, client user).
+/// All pools, by (client database, client user, server address); the
+/// address is empty for the database's configured server.
 #[derive(Default)]
 pub struct Pools {
-    pools: RwLock<HashMap<(String, String), Arc<Pool>>>,
+    pools: RwLock<HashMap<(String, String, String), Arc<Pool>>>,
 }
 
 impl Pools {
@@ -166,9 +167,10 @@ impl Pools {
         &self,
         database: &str,
         user: &str,
+        addr: &str,
         make: impl FnOnce() -> Pool,
     ) -> Arc<Pool> {
-        let key = (database.to_owned(), user.to_owned());
+        let key = (database.to_owned(), user.to_owned(), addr.to_owned());
         if let Some(pool) = self.pools.read().expect("lock poisoned").get(&key) {
             return pool.clone();
         }

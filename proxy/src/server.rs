@@ -60,6 +60,10 @@ pub struct ServerConn {
     pub prepared: PreparedSet,
     /// Set when the protocol state is unknown; the pool then drops the connection.
     pub broken: bool,
+    /// Whether the database's default collation orders text as bytes (C,
+    /// POSIX): only then can the proxy merge text sorted by several shards.
+    /// Learned on first need.
+    pub text_order_bytewise: Option<bool>,
 }
 
 impl ServerConn {
@@ -222,6 +226,7 @@ impl ServerConn {
             params: ParamState::new(),
             prepared: PreparedSet::new(prepared_max as usize),
             broken: false,
+            text_order_bytewise: None,
         })
     }
 
@@ -237,6 +242,19 @@ impl ServerConn {
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
+    /// Runs `sql` (simple protocol) on an idle connection and returns the
+    /// first column of its first row as text (`None` for no row or NULL).
+    pub async fn query_value(
+        &mut self,
+        sql: &str,
+        message_bytes_max: u32,
+    ) -> Result<Option<String>> {
+        match self.run(sql, message_bytes_max).await? {
+            (_, Some(message)) => Err(Error::ServerProtocol(message)),
+            (value, None) => Ok(value),
+        }
+    }
+
     /// Runs `sql` (simple protocol) on an idle connection and discards the
     /// replies. Returns the first error message, if any. Marks the connection
     /// broken on IO or protocol errors.
@@ -245,25 +263,43 @@ impl ServerConn {
         sql: &str,
         message_bytes_max: u32,
     ) -> Result<Option<String>> {
-        let result = self.run_discarding_inner(sql, message_bytes_max).await;
+        self.run(sql, message_bytes_max)
+            .await
+            .map(|(_, error)| error)
+    }
+
+    /// Runs `sql` (simple protocol): the first column of the first row, and
+    /// the first error message. Marks the connection broken on IO or
+    /// protocol errors, or if it is left inside a transaction.
+    async fn run(
+        &mut self,
+        sql: &str,
+        message_bytes_max: u32,
+    ) -> Result<(Option<String>, Option<String>)> {
+        let result = self.run_inner(sql, message_bytes_max).await;
         if result.is_err() {
             self.broken = true;
         }
         result
     }
 
-    async fn run_discarding_inner(
+    async fn run_inner(
         &mut self,
         sql: &str,
         message_bytes_max: u32,
-    ) -> Result<Option<String>> {
+    ) -> Result<(Option<String>, Option<String>)> {
         let mut out = BytesMut::new();
         wire::frontend::encode_query(&mut out, sql.as_bytes());
         self.stream.write_all(&out).await.map_err(Error::ServerIo)?;
-        let mut first_error = None;
+        let (mut value, mut first_error) = (None, None);
         loop {
             let frame = read_frame(&mut self.stream, &mut self.buf, message_bytes_max).await?;
             match frame.tag() {
+                backend::DATA_ROW if value.is_none() => {
+                    let row = wire::rows::data_row(frame.body())?;
+                    let first = row.first().copied().flatten();
+                    value = Some(first.map(|v| String::from_utf8_lossy(v).into_owned()));
+                }
                 backend::ERROR_RESPONSE if first_error.is_none() => {
                     let fields = backend::ErrorFields::decode(frame.body())?;
                     first_error = Some(String::from_utf8_lossy(fields.message).into_owned());
@@ -274,7 +310,7 @@ impl ServerConn {
                     {
                         self.broken = true;
                     }
-                    return Ok(first_error);
+                    return Ok((value.flatten(), first_error));
                 }
                 _ => {}
             }

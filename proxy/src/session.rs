@@ -27,7 +27,10 @@ use crate::pending::{Effects, Entry, Expect, LocalReply, Pending};
 use crate::pool::{Pool, Pooled};
 use crate::server::{statement_name, ParamState};
 use crate::shared::Shared;
-use router::SessionEffect;
+use router::{SessionEffect, ShardId};
+
+mod copy_in;
+mod routing;
 
 /// DataRow and CopyData frames above this size are streamed, not buffered.
 pub const STREAM_THRESHOLD: usize = 64 << 10;
@@ -70,7 +73,34 @@ pub struct Session {
     client: TcpStream,
     cbuf: BytesMut,
     cout: BytesMut,
+    /// The pool the next server connection comes from.
     pool: Arc<Pool>,
+    /// The pool of the database's configured server.
+    home_pool: Arc<Pool>,
+    database: String,
+    user: Arc<crate::config::User>,
+    /// Shard pools by shard id, with the address each was made for.
+    shard_pools: HashMap<ShardId, (String, Arc<Pool>)>,
+    /// The shard of the attached server connection (`None` without a shard map).
+    server_shard: Option<ShardId>,
+    /// Counts server connections attached, so that per-connection facts
+    /// (the unnamed statement is there) can tell which connection they hold for.
+    attach_count: u64,
+    /// The client's unnamed statement while routing defers it to its Bind,
+    /// and the attachment it was last sent on.
+    unnamed: Option<ClientStatement>,
+    unnamed_sent_on: Option<u64>,
+    /// A BEGIN answered locally; sent ahead of the transaction's first
+    /// statement, once that statement has chosen the shard.
+    deferred_begin: Option<Bytes>,
+    /// A statement was refused inside a transaction: like PostgreSQL, the
+    /// transaction is aborted until the client ends it.
+    aborted_locally: bool,
+    /// `SET shardline.shard = N`: run everything on this shard.
+    forced_shard: Option<ShardId>,
+    /// An extended-protocol statement that runs on several shards, collected
+    /// until its Sync.
+    multi_batch: Option<routing::MultiBatch>,
     mode: PoolMode,
     server: Option<Pooled>,
     sout: BytesMut,
@@ -102,6 +132,9 @@ pub struct Login {
     pub pool: Arc<Pool>,
     pub startup_params: ParamState,
     pub cancel_target: CancelTarget,
+    /// The database and user the client logged in as.
+    pub database: String,
+    pub user: Arc<crate::config::User>,
 }
 
 impl Session {
@@ -112,7 +145,19 @@ impl Session {
             client: login.client,
             cbuf: login.cbuf,
             cout: BytesMut::with_capacity(8192),
+            home_pool: login.pool.clone(),
             pool: login.pool,
+            database: login.database,
+            user: login.user,
+            shard_pools: HashMap::new(),
+            server_shard: None,
+            attach_count: 0,
+            unnamed: None,
+            unnamed_sent_on: None,
+            deferred_begin: None,
+            aborted_locally: false,
+            forced_shard: None,
+            multi_batch: None,
             mode,
             server: None,
             sout: BytesMut::with_capacity(8192),
@@ -240,7 +285,7 @@ impl Session {
         if self.server.is_none() {
             return;
         }
-        if self.pending.can_sync_early() && self.txn_status == TransactionStatus::Idle {
+        if self.pending.can_sync_early() && !self.server_in_transaction() {
             // Free the connection once our own Sync is answered (swallowed).
             frontend::encode_sync(&mut self.sout);
             self.pending.push(
@@ -253,21 +298,33 @@ impl Session {
             return;
         }
         if self.at_boundary() && self.sout.is_empty() {
-            if let Some(mut conn) = self.server.take() {
-                if !conn.buf.is_empty() {
-                    // Bytes nobody asked for: the connection is out of step.
-                    conn.broken = true;
-                }
-            }
-            *self.cancel_target.lock().expect("lock poisoned") = None;
+            self.release_server();
         }
+    }
+
+    /// Hands the server connection back to its pool.
+    fn release_server(&mut self) {
+        if let Some(mut conn) = self.server.take() {
+            if !conn.buf.is_empty() {
+                // Bytes nobody asked for: the connection is out of step.
+                conn.broken = true;
+            }
+        }
+        self.server_shard = None;
+        *self.cancel_target.lock().expect("lock poisoned") = None;
+    }
+
+    /// Whether the attached server connection is inside the client's
+    /// transaction (a deferred BEGIN has not reached any server yet).
+    fn server_in_transaction(&self) -> bool {
+        self.txn_status != TransactionStatus::Idle && self.deferred_begin.is_none()
     }
 
     /// Whether the server connection is between transactions with nothing in
     /// flight in either direction: the only state in which it may be reused.
     fn at_boundary(&self) -> bool {
         self.pending.is_idle()
-            && self.txn_status == TransactionStatus::Idle
+            && !self.server_in_transaction()
             && self.server_stream == 0
             && self.client_stream == 0
     }
@@ -278,6 +335,7 @@ impl Session {
             let conn = self.pool.checkout().await?;
             *self.cancel_target.lock().expect("lock poisoned") = Some(conn.cancel_key);
             self.server = Some(conn);
+            self.attach_count += 1;
             self.params_dirty = true;
         }
         if self.params_dirty && self.pending.is_idle() {
@@ -298,6 +356,43 @@ impl Session {
                 }
                 conn.params = self.params.clone();
             }
+        }
+        Ok(())
+    }
+
+    /// Sends a deferred BEGIN to the attached server, ahead of the
+    /// transaction's first statement; its reply was given already.
+    fn start_deferred_transaction(&mut self) {
+        if let Some(begin) = self.deferred_begin.take() {
+            self.sout.extend_from_slice(&begin);
+            self.pending.push(
+                Entry::Injected {
+                    expect: Expect::Ready,
+                    registers: None,
+                },
+                &mut self.cout,
+            );
+            // A simple Query ends the unnamed statement on the server.
+            self.unnamed_sent_on = None;
+        }
+    }
+
+    /// Reports a non-fatal error for the message with `tag`: the client
+    /// learns at once, an extended batch skips to its Sync, and a refusal
+    /// inside a transaction aborts it as a PostgreSQL error would.
+    fn report(&mut self, e: Error, tag: u8) -> Result<()> {
+        if e.is_fatal() {
+            return Err(e);
+        }
+        if matches!(e, Error::Refused(_)) && self.txn_status != TransactionStatus::Idle {
+            self.aborted_locally = true;
+            self.txn_status = TransactionStatus::Failed;
+        }
+        e.encode(&mut self.cout);
+        if tag == frontend::QUERY || tag == frontend::SYNC {
+            backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+        } else {
+            self.skipping_to_sync = true;
         }
         Ok(())
     }
@@ -358,6 +453,12 @@ impl Session {
             }
             return Ok(());
         }
+        if self.multi_batch.is_some() {
+            // `false`: the batch ran, and this frame is handled as usual.
+            if self.on_multi_batch_frame(&frame).await? {
+                return Ok(());
+            }
+        }
         if let Err(e) = self.check_map_current(&frame) {
             // Before anything reaches a server: the statement is not run.
             e.encode(&mut self.cout);
@@ -367,6 +468,12 @@ impl Session {
                 self.skipping_to_sync = true;
             }
             return Ok(());
+        }
+        let map = self.routing_map();
+        if let Some(map) = &map {
+            if self.route_frame(&frame, map).await? {
+                return Ok(());
+            }
         }
         // Messages answered without a server when none is attached.
         if self.server.is_none() {
@@ -412,20 +519,15 @@ impl Session {
             self.terminated = true;
             return Ok(());
         }
-        if let Err(e) = self.ensure_server().await {
-            if e.is_fatal() {
-                return Err(e);
+        let attached = match &map {
+            Some(map) => {
+                let shard = self.server_shard.unwrap_or(router::ShardMap::HOME);
+                self.attach(shard, map).await
             }
-            // The client learns at once; an extended batch skips to its Sync.
-            e.encode(&mut self.cout);
-            if tag == frontend::QUERY {
-                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
-            } else if tag != frontend::SYNC {
-                self.skipping_to_sync = true;
-            } else {
-                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
-            }
-            return Ok(());
+            None => self.ensure_server().await,
+        };
+        if let Err(e) = attached {
+            return self.report(e, tag);
         }
         match tag {
             frontend::QUERY => {
@@ -438,6 +540,9 @@ impl Session {
                 let target = Target::decode(frame.body())?;
                 if target.kind == frontend::TARGET_PORTAL || target.name.is_empty() {
                     self.pending.note_open();
+                }
+                if target.kind == frontend::TARGET_STATEMENT && target.name.is_empty() {
+                    self.send_unnamed();
                 }
                 let entry = Entry::forwarded(Expect::Description);
                 match self.prepare_named(target.kind, target.name) {
@@ -726,7 +831,12 @@ impl Session {
                 )));
             }
             if d.forward {
-                self.cout.extend_from_slice(&conn.buf[..frame_len]);
+                if tag == backend::READY_FOR_QUERY && self.deferred_begin.is_some() {
+                    // The client began a transaction no server has seen yet.
+                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                } else {
+                    self.cout.extend_from_slice(&conn.buf[..frame_len]);
+                }
             }
             let status = match tag {
                 backend::READY_FOR_QUERY => Some(TransactionStatus::decode(
@@ -787,6 +897,9 @@ impl Session {
 
     /// ReadyForQuery: an implicit transaction ends here, committed unless it failed.
     fn on_ready(&mut self, status: TransactionStatus) {
+        if self.deferred_begin.is_some() {
+            return; // the client's transaction has not started on a server yet
+        }
         self.txn_status = status;
         if status == TransactionStatus::Idle && !self.txn_effects.is_empty() {
             if self.error_in_batch {

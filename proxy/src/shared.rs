@@ -15,6 +15,8 @@ pub struct Shared {
     pub pools: Pools,
     pub cancels: CancelRegistry,
     pub effects_cache: router::EffectsCache,
+    /// Statement analyses for routing, by text and map epoch.
+    pub analyses: router::AnalysisCache,
     /// The shard map and lease, when a metadata group is configured.
     pub follower: Option<Arc<crate::follower::MapFollower>>,
     /// Per-process secret that makes SCRAM exchanges for unknown users look real.
@@ -36,6 +38,7 @@ impl Shared {
             pools: Pools::default(),
             cancels: CancelRegistry::default(),
             effects_cache: router::EffectsCache::new(10_000),
+            analyses: router::AnalysisCache::new(10_000),
             follower,
             mock_nonce: rand::random(),
             clients: AtomicU32::new(0),
@@ -49,36 +52,48 @@ impl Shared {
 
     /// The pool for a client of `database` logged in as `user`.
     pub fn pool(&self, database: &DatabaseConfig, user: &User) -> Arc<Pool> {
-        self.pools.get_or_create(&database.name, &user.name, || {
-            let p = &self.config.proxy;
-            let target = ServerTarget {
-                host: database.host.clone(),
-                port: database.port,
-                database: database
-                    .dbname
-                    .clone()
-                    .unwrap_or_else(|| database.name.clone()),
-                user: database
-                    .server_user
-                    .clone()
-                    .unwrap_or_else(|| user.name.clone()),
-                password: database
-                    .server_password
-                    .clone()
-                    .or_else(|| user.plain_password.clone()),
-                connect_timeout: p.connect_timeout,
-                message_bytes_max: p.message_bytes_max,
-            };
-            let settings = PoolSettings {
-                size: database.pool_size.unwrap_or(p.pool_size),
-                mode: database.pool_mode.unwrap_or(p.pool_mode),
-                checkout_timeout: p.checkout_timeout,
-                idle_timeout: p.server_idle_timeout,
-                lifetime: p.server_lifetime,
-                prepared_max: p.server_prepared_statements_max,
-            };
-            Pool::new(database.name.clone(), target, settings)
-        })
+        self.pool_at(database, user, None)
+    }
+
+    /// The pool for `database` and `user` on the server at `addr`
+    /// (`host:port`, a shard's primary from the shard map), or on the
+    /// database's configured server when `addr` is `None`.
+    pub fn pool_at(&self, database: &DatabaseConfig, user: &User, addr: Option<&str>) -> Arc<Pool> {
+        let (host, port) = addr
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+            .unwrap_or_else(|| (database.host.clone(), database.port));
+        self.pools
+            .get_or_create(&database.name, &user.name, addr.unwrap_or(""), || {
+                let p = &self.config.proxy;
+                let target = ServerTarget {
+                    host,
+                    port,
+                    database: database
+                        .dbname
+                        .clone()
+                        .unwrap_or_else(|| database.name.clone()),
+                    user: database
+                        .server_user
+                        .clone()
+                        .unwrap_or_else(|| user.name.clone()),
+                    password: database
+                        .server_password
+                        .clone()
+                        .or_else(|| user.plain_password.clone()),
+                    connect_timeout: p.connect_timeout,
+                    message_bytes_max: p.message_bytes_max,
+                };
+                let settings = PoolSettings {
+                    size: database.pool_size.unwrap_or(p.pool_size),
+                    mode: database.pool_mode.unwrap_or(p.pool_mode),
+                    checkout_timeout: p.checkout_timeout,
+                    idle_timeout: p.server_idle_timeout,
+                    lifetime: p.server_lifetime,
+                    prepared_max: p.server_prepared_statements_max,
+                };
+                Pool::new(database.name.clone(), target, settings)
+            })
     }
 
     /// Takes a client slot; `None` when `max_client_connections` are in use.

@@ -8,4 +8,7 @@ mod metadata;
 mod pooling;
 mod protocol;
 mod robustness;
+mod routing;
+mod sharded_env;
+mod sharding;
 mod tools;

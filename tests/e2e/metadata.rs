@@ -64,7 +64,7 @@ async fn a_proxy_registers_acknowledges_and_stops_sharded_work_when_its_lease_la
     db.batch_execute("CREATE TABLE accounts (id int8 PRIMARY KEY, balance int8)")
         .await
         .expect("create");
-    db.execute("INSERT INTO accounts VALUES (1, 100)", &[])
+    db.execute("INSERT INTO accounts (id, balance) VALUES (1, 100)", &[])
         .await
         .expect("insert while current");
 

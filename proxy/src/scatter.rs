@@ -1,0 +1,847 @@
+//! Scatter/gather: one statement on several shards, their replies merged
+//! into the one reply a single PostgreSQL would have sent.
+//!
+//! The router plans the statement ([`router::scatter::plan`]): the SQL each
+//! shard runs and how the rows combine. Here that plan meets the servers:
+//! concatenation and ORDER BY merges stream row by row (a k-way merge over
+//! the shards' sorted streams, so no result is held whole); aggregates,
+//! GROUP BY and DISTINCT collect the shards' partial rows and let PostgreSQL
+//! compute the final answer from them on one of the connections. DDL on a
+//! sharded table is the other multi-shard job: the same change on every
+//! shard, one reply.
+//!
+//! Every connection used is read to its ReadyForQuery before it goes back to
+//! its pool; one left in any other state is marked broken.
+
+use std::cmp::Ordering;
+use std::ops::Range;
+
+use bytes::BytesMut;
+use router::scatter::{Bound, Merge, ScatterPlan, SortColumn, SortKey};
+use router::ShardId;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use wire::backend::{self, TransactionStatus};
+use wire::frontend;
+use wire::rows::{self, BindParams, Column};
+use wire::Frame;
+
+use crate::error::{Error, Result};
+use crate::pool::Pooled;
+use crate::server::read_frame;
+
+/// At most this many partial rows (groups times shards) are collected for
+/// a final aggregation; past it the statement is refused.
+pub const PARTIAL_ROWS_MAX: usize = 100_000;
+
+/// A server connection checked out for one shard.
+pub struct ShardConn {
+    pub shard: ShardId,
+    pub conn: Pooled,
+}
+
+/// What the client asked of the statement.
+pub struct Request<'a> {
+    /// The Bind parameters (extended protocol); `None` for a simple Query.
+    pub bind: Option<&'a BindParams<'a>>,
+    /// Parameter types from the client's Parse.
+    pub param_types: &'a [u32],
+    /// Send the RowDescription (simple Query: always; extended: Describe).
+    pub describe: bool,
+    /// Send the rows and CommandComplete (simple Query: always; extended: Execute).
+    pub execute: bool,
+}
+
+/// Where merged replies go: the client's output buffer, written to the
+/// client whenever it holds `flush_bytes`, so memory stays bounded.
+pub struct Sink<'a> {
+    pub client: &'a mut TcpStream,
+    pub out: &'a mut BytesMut,
+    pub flush_bytes: usize,
+}
+
+impl Sink<'_> {
+    async fn flush_if_full(&mut self) -> Result<()> {
+        if self.out.len() >= self.flush_bytes {
+            self.client
+                .write_all(self.out)
+                .await
+                .map_err(Error::ClientIo)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+}
+
+/// One reply event of a shard running one statement.
+enum Event {
+    Description(Frame),
+    Row(Frame),
+    Complete(Frame),
+    Error(Frame),
+}
+
+async fn send(conn: &mut ShardConn, bytes: &[u8]) -> Result<()> {
+    conn.conn.stream.write_all(bytes).await.map_err(|e| {
+        conn.conn.broken = true;
+        Error::ServerIo(e)
+    })
+}
+
+/// The next frame from the connection; one that fails is marked broken.
+async fn read(conn: &mut ShardConn, max: u32) -> Result<Frame> {
+    let server = &mut *conn.conn;
+    let frame = read_frame(&mut server.stream, &mut server.buf, max).await;
+    if frame.is_err() {
+        server.broken = true;
+    }
+    frame
+}
+
+async fn next_event(conn: &mut ShardConn, max: u32) -> Result<Event> {
+    loop {
+        let frame = read(conn, max).await?;
+        match frame.tag() {
+            backend::PARSE_COMPLETE
+            | backend::BIND_COMPLETE
+            | backend::NOTICE_RESPONSE
+            | backend::PARAMETER_STATUS
+            | backend::NOTIFICATION_RESPONSE => continue,
+            backend::ROW_DESCRIPTION => return Ok(Event::Description(frame)),
+            backend::DATA_ROW => return Ok(Event::Row(frame)),
+            backend::COMMAND_COMPLETE | backend::EMPTY_QUERY_RESPONSE => {
+                return Ok(Event::Complete(frame))
+            }
+            backend::ERROR_RESPONSE => return Ok(Event::Error(frame)),
+            other => {
+                conn.conn.broken = true;
+                return Err(Error::ServerProtocol(format!(
+                    "unexpected message 0x{other:02x} from shard {} during a multi-shard statement",
+                    conn.shard
+                )));
+            }
+        }
+    }
+}
+
+/// Reads and drops replies up to ReadyForQuery; the connection may then be
+/// pooled again only if it is idle.
+async fn finish(conn: &mut ShardConn, max: u32) -> Result<()> {
+    loop {
+        let frame = read(conn, max).await?;
+        if frame.tag() == backend::READY_FOR_QUERY {
+            if TransactionStatus::decode(frame.body())? != TransactionStatus::Idle {
+                conn.conn.broken = true;
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// Appends the request for `sql` in the client's protocol.
+fn encode_request(buf: &mut BytesMut, sql: &str, req: &Request<'_>, result_formats: &[i16]) {
+    match req.bind {
+        None => frontend::encode_query(buf, sql.as_bytes()),
+        Some(bind) => {
+            let mut definition = Vec::with_capacity(sql.len() + 3 + 4 * req.param_types.len());
+            definition.extend_from_slice(sql.as_bytes());
+            definition.push(0);
+            definition.extend_from_slice(&(req.param_types.len() as i16).to_be_bytes());
+            for t in req.param_types {
+                definition.extend_from_slice(&t.to_be_bytes());
+            }
+            frontend::encode_parse(buf, b"", &definition);
+            bind.encode_unnamed(buf, result_formats);
+            frontend::encode_target(buf, frontend::DESCRIBE, frontend::TARGET_PORTAL, b"");
+            rows::encode_execute_unnamed(buf);
+            frontend::encode_sync(buf);
+        }
+    }
+}
+
+/// Runs `plan` on every connection and writes the merged reply to `sink`.
+pub async fn gather(
+    conns: &mut [ShardConn],
+    plan: &ScatterPlan,
+    req: &Request<'_>,
+    sink: &mut Sink<'_>,
+    max: u32,
+) -> Result<()> {
+    let client_formats = req.bind.map_or(&[][..], |b| &b.result_formats[..]);
+    let formats: Vec<i16> = match &plan.merge {
+        // Partial rows are read as text; PostgreSQL formats the final ones.
+        Merge::Final(_) => Vec::new(),
+        _ if client_formats.len() > 1 && plan.hidden_columns > 0 => {
+            let mut f = client_formats.to_vec();
+            f.extend(std::iter::repeat(0).take(plan.hidden_columns));
+            f
+        }
+        _ => client_formats.to_vec(),
+    };
+    if matches!(plan.merge, Merge::Sorted { .. }) {
+        for conn in conns.iter_mut() {
+            learn_text_order(conn, max).await?;
+        }
+    }
+    let mut request = BytesMut::new();
+    encode_request(&mut request, &plan.shard_sql, req, &formats);
+    for conn in conns.iter_mut() {
+        send(conn, &request).await?;
+    }
+    let merged = match &plan.merge {
+        Merge::Final(final_plan) => {
+            gather_final(conns, final_plan, req, client_formats, sink, max).await
+        }
+        Merge::Concat { limit, offset } => {
+            let bounds = Bounds::resolve(*limit, *offset, req.bind)?;
+            stream(conns, plan.hidden_columns, &[], bounds, req, sink, max).await
+        }
+        Merge::Sorted {
+            keys,
+            limit,
+            offset,
+        } => {
+            let bounds = Bounds::resolve(*limit, *offset, req.bind)?;
+            stream(conns, plan.hidden_columns, keys, bounds, req, sink, max).await
+        }
+    };
+    // Every connection is read to its end, whatever happened above.
+    let mut drained = Ok(());
+    for conn in conns.iter_mut() {
+        if !conn.conn.broken {
+            if let Err(e) = finish(conn, max).await {
+                drained = Err(e);
+            }
+        }
+    }
+    merged.and(drained)
+}
+
+/// The default collation of the connection's database, asked once per
+/// connection: text merges as bytes only under C or POSIX (libc provider).
+async fn learn_text_order(conn: &mut ShardConn, max: u32) -> Result<()> {
+    if conn.conn.text_order_bytewise.is_some() {
+        return Ok(());
+    }
+    let collation = conn
+        .conn
+        .query_value(
+            "SELECT coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') || ':' || datcollate \
+             FROM pg_database d WHERE datname = current_database()",
+            max,
+        )
+        .await?
+        .unwrap_or_default();
+    let bytewise = matches!(
+        collation.as_str(),
+        "c:C" | "c:POSIX" | "c:C.UTF-8" | "c:C.utf8"
+    );
+    conn.conn.text_order_bytewise = Some(bytewise);
+    Ok(())
+}
+
+/// Type OIDs whose order depends on the collation.
+fn collatable(type_oid: u32) -> bool {
+    // text, name, bpchar, varchar
+    matches!(type_oid, 25 | 19 | 1042 | 1043)
+}
+
+/// OFFSET and LIMIT as numbers.
+#[derive(Clone, Copy)]
+struct Bounds {
+    offset: u64,
+    limit: Option<u64>,
+}
+
+impl Bounds {
+    fn resolve(
+        limit: Option<Bound>,
+        offset: Option<Bound>,
+        bind: Option<&BindParams<'_>>,
+    ) -> Result<Bounds> {
+        let value = |bound: Option<Bound>| -> Result<Option<u64>> {
+            let Some(bound) = bound else { return Ok(None) };
+            let n = match bound {
+                Bound::Const(n) => n,
+                Bound::Param(p) => match param_int(bind, p)? {
+                    Some(n) => n,
+                    None => return Ok(None), // LIMIT NULL: no limit
+                },
+            };
+            // A negative bound makes the shards fail with PostgreSQL's own error.
+            Ok(Some(n.max(0) as u64))
+        };
+        Ok(Bounds {
+            offset: value(offset)?.unwrap_or(0),
+            limit: value(limit)?,
+        })
+    }
+}
+
+/// An integer parameter in text or binary format.
+fn param_int(bind: Option<&BindParams<'_>>, n: u16) -> Result<Option<i64>> {
+    let bad = || Error::Refused(format!("parameter ${n} of LIMIT/OFFSET is not an integer"));
+    let bind = bind.ok_or_else(bad)?;
+    let index = (n as usize).checked_sub(1).ok_or_else(bad)?;
+    let Some(value) = bind.values.get(index).ok_or_else(bad)? else {
+        return Ok(None);
+    };
+    let parsed = if rows::format_of(&bind.formats, index) == 1 {
+        match value[..] {
+            [a, b, c, d] => Some(i32::from_be_bytes([a, b, c, d]).into()),
+            [a, b, c, d, e, f, g, h] => Some(i64::from_be_bytes([a, b, c, d, e, f, g, h])),
+            [a, b] => Some(i16::from_be_bytes([a, b]).into()),
+            _ => None,
+        }
+    } else {
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    };
+    parsed.map(Some).ok_or_else(bad)
+}
+
+/// A shard's current row, with the byte ranges of its values.
+struct Head {
+    frame: Frame,
+    values: Vec<Option<Range<usize>>>,
+}
+
+impl Head {
+    fn new(frame: Frame) -> Result<Head> {
+        let body = frame.body();
+        let base = body.as_ptr() as usize;
+        let values = rows::data_row(body)?
+            .into_iter()
+            .map(|v| {
+                v.map(|s| (s.as_ptr() as usize - base)..(s.as_ptr() as usize - base + s.len()))
+            })
+            .collect();
+        Ok(Head { frame, values })
+    }
+
+    fn value(&self, i: usize) -> Option<&[u8]> {
+        self.values
+            .get(i)
+            .cloned()
+            .flatten()
+            .map(|r| &self.frame.body()[r])
+    }
+}
+
+/// Concatenation (no keys) or k-way merge by `keys`, then OFFSET/LIMIT.
+async fn stream(
+    conns: &mut [ShardConn],
+    hidden: usize,
+    keys: &[SortKey],
+    bounds: Bounds,
+    req: &Request<'_>,
+    sink: &mut Sink<'_>,
+    max: u32,
+) -> Result<()> {
+    // Every shard describes the same columns; the first description is sent.
+    let mut description = None;
+    let mut heads: Vec<Option<Head>> = Vec::with_capacity(conns.len());
+    for conn in conns.iter_mut() {
+        match next_event(conn, max).await? {
+            Event::Description(frame) => {
+                description.get_or_insert(frame);
+            }
+            Event::Error(frame) => return forward_error(sink, frame),
+            _ => {
+                conn.conn.broken = true;
+                return Err(Error::ServerProtocol(format!(
+                    "shard {} sent rows without a RowDescription",
+                    conn.shard
+                )));
+            }
+        }
+    }
+    let description = description.expect("at least one shard");
+    let columns = rows::row_description(description.body())?;
+    let visible = columns.len().saturating_sub(hidden);
+    let sort: Vec<(SortKey, usize, &Column<'_>)> = keys
+        .iter()
+        .map(|k| {
+            let index = match k.column {
+                SortColumn::Visible(i) => i,
+                SortColumn::Hidden(j) => visible + j,
+            };
+            let column = columns.get(index).ok_or_else(|| {
+                Error::ServerProtocol(format!("sort column {index} is not in the result"))
+            })?;
+            if collatable(column.type_oid)
+                && conns
+                    .iter()
+                    .any(|c| c.conn.text_order_bytewise != Some(true))
+            {
+                return Err(Error::Refused(format!(
+                    "ORDER BY on text column \"{}\" across shards needs the database's default \
+                     collation to be C or POSIX (Shardline merges the shards' rows by byte order)",
+                    String::from_utf8_lossy(column.name)
+                )));
+            }
+            Ok((*k, index, column))
+        })
+        .collect::<Result<_>>()?;
+    if req.describe {
+        rows::encode_row_description(sink.out, &columns[..visible]);
+    }
+
+    let (mut skipped, mut sent) = (0u64, 0u64);
+    let full = |sent: u64| bounds.limit.is_some_and(|l| sent >= l);
+    // Concatenation reads the shards one after the other; a merge keeps one
+    // row per shard and always emits the smallest.
+    let mut done = vec![false; conns.len()];
+    for i in 0..conns.len() {
+        heads.push(None);
+        if !sort.is_empty() || i == 0 {
+            if let Some(e) = advance(conns, i, &mut heads, &mut done, max).await? {
+                return forward_error(sink, e);
+            }
+        }
+    }
+    let mut current = 0;
+    loop {
+        if full(sent) {
+            break;
+        }
+        let next = if sort.is_empty() {
+            while current < conns.len() && heads[current].is_none() {
+                current += 1;
+                if current < conns.len() {
+                    if let Some(e) = advance(conns, current, &mut heads, &mut done, max).await? {
+                        return forward_error(sink, e);
+                    }
+                }
+            }
+            (current < conns.len()).then_some(current)
+        } else {
+            smallest(&heads, &sort)?
+        };
+        let Some(i) = next else { break };
+        let head = heads[i].take().expect("chosen heads exist");
+        if skipped < bounds.offset {
+            skipped += 1;
+        } else {
+            if req.execute {
+                emit_row(sink.out, &head, visible, hidden);
+            }
+            sent += 1;
+            sink.flush_if_full().await?;
+        }
+        if let Some(e) = advance(conns, i, &mut heads, &mut done, max).await? {
+            return forward_error(sink, e);
+        }
+    }
+    if req.execute {
+        rows::encode_command_complete(sink.out, format!("SELECT {sent}").as_bytes());
+    }
+    Ok(())
+}
+
+/// Reads shard `i`'s next row into `heads[i]` (none once it completed).
+/// Returns a PostgreSQL error to forward.
+async fn advance(
+    conns: &mut [ShardConn],
+    i: usize,
+    heads: &mut [Option<Head>],
+    done: &mut [bool],
+    max: u32,
+) -> Result<Option<Frame>> {
+    if done[i] {
+        return Ok(None);
+    }
+    match next_event(&mut conns[i], max).await? {
+        Event::Row(frame) => heads[i] = Some(Head::new(frame)?),
+        Event::Complete(_) => done[i] = true,
+        Event::Error(frame) => {
+            done[i] = true;
+            return Ok(Some(frame));
+        }
+        Event::Description(_) => {
+            conns[i].conn.broken = true;
+            return Err(Error::ServerProtocol("a second RowDescription".into()));
+        }
+    }
+    Ok(None)
+}
+
+fn smallest(
+    heads: &[Option<Head>],
+    sort: &[(SortKey, usize, &Column<'_>)],
+) -> Result<Option<usize>> {
+    let mut best: Option<usize> = None;
+    for (i, head) in heads.iter().enumerate() {
+        let Some(head) = head else { continue };
+        let Some(b) = best else {
+            best = Some(i);
+            continue;
+        };
+        let other = heads[b].as_ref().expect("best is a head");
+        let mut order = Ordering::Equal;
+        for (key, index, column) in sort {
+            order = router::merge::compare(
+                key,
+                column.type_oid,
+                column.format,
+                head.value(*index),
+                other.value(*index),
+            )
+            .map_err(Error::Refused)?;
+            if order != Ordering::Equal {
+                break;
+            }
+        }
+        if order == Ordering::Less {
+            best = Some(i);
+        }
+    }
+    Ok(best)
+}
+
+fn emit_row(out: &mut BytesMut, head: &Head, visible: usize, hidden: usize) {
+    if hidden == 0 {
+        out.extend_from_slice(head.frame.as_bytes());
+    } else {
+        let values: Vec<Option<&[u8]>> = (0..visible).map(|i| head.value(i)).collect();
+        rows::encode_data_row(out, &values);
+    }
+}
+
+fn forward_error(sink: &mut Sink<'_>, frame: Frame) -> Result<()> {
+    sink.out.extend_from_slice(frame.as_bytes());
+    Ok(())
+}
+
+/// Aggregates, GROUP BY, DISTINCT: the shards' partial rows, then the final
+/// statement over them on the first connection.
+async fn gather_final(
+    conns: &mut [ShardConn],
+    plan: &router::scatter::FinalPlan,
+    req: &Request<'_>,
+    client_formats: &[i16],
+    sink: &mut Sink<'_>,
+    max: u32,
+) -> Result<()> {
+    let mut types: Option<Vec<u32>> = None;
+    let mut partial: Vec<Vec<Option<String>>> = Vec::new();
+    for conn in conns.iter_mut() {
+        loop {
+            match next_event(conn, max).await? {
+                Event::Description(frame) => {
+                    let columns = rows::row_description(frame.body())?;
+                    types.get_or_insert_with(|| columns.iter().map(|c| c.type_oid).collect());
+                }
+                Event::Row(frame) => {
+                    if partial.len() >= PARTIAL_ROWS_MAX {
+                        return Err(Error::Refused(format!(
+                            "the query produces more than {PARTIAL_ROWS_MAX} partial rows (groups) \
+                             across shards to merge; add a shard key to the WHERE clause or \
+                             aggregate more coarsely"
+                        )));
+                    }
+                    let row = rows::data_row(frame.body())?
+                        .into_iter()
+                        .map(|v| v.map(|s| String::from_utf8_lossy(s).into_owned()))
+                        .collect();
+                    partial.push(row);
+                }
+                Event::Complete(_) => break,
+                Event::Error(frame) => return forward_error(sink, frame),
+            }
+        }
+    }
+    let types = types.unwrap_or_default();
+    let final_sql = plan
+        .final_sql(&types, &partial)
+        .map_err(|r| Error::Refused(r.0))?;
+    drop(partial);
+    let first = conns.first_mut().expect("at least one shard");
+    finish(first, max).await?;
+    let mut request = BytesMut::new();
+    let final_req = Request {
+        bind: req.bind.map(|_| &NO_PARAMS),
+        param_types: &[],
+        describe: true,
+        execute: true,
+    };
+    encode_request(&mut request, &final_sql, &final_req, client_formats);
+    send(first, &request).await?;
+    loop {
+        match next_event(first, max).await? {
+            Event::Description(frame) => {
+                if req.describe {
+                    sink.out.extend_from_slice(frame.as_bytes());
+                }
+            }
+            Event::Row(frame) => {
+                if req.execute {
+                    sink.out.extend_from_slice(frame.as_bytes());
+                    sink.flush_if_full().await?;
+                }
+            }
+            Event::Complete(frame) => {
+                if req.execute {
+                    sink.out.extend_from_slice(frame.as_bytes());
+                }
+                return Ok(());
+            }
+            Event::Error(frame) => return forward_error(sink, frame),
+        }
+    }
+}
+
+static NO_PARAMS: BindParams<'static> = BindParams {
+    formats: Vec::new(),
+    values: Vec::new(),
+    result_formats: Vec::new(),
+};
+
+/// Runs each shard's statements (one Query per shard, so PostgreSQL runs
+/// them as one implicit transaction there), shard after shard. The client
+/// gets the first error, or the last CommandComplete.
+pub async fn broadcast(
+    conns: &mut [ShardConn],
+    statements: &[String],
+    sink: &mut Sink<'_>,
+    max: u32,
+) -> Result<()> {
+    let mut last = None;
+    for (conn, sql) in conns.iter_mut().zip(statements) {
+        let mut request = BytesMut::new();
+        frontend::encode_query(&mut request, sql.as_bytes());
+        send(conn, &request).await?;
+        let mut error = None;
+        loop {
+            let frame = read(conn, max).await?;
+            match frame.tag() {
+                backend::COMMAND_COMPLETE => last = Some(frame),
+                backend::ERROR_RESPONSE => error = error.or(Some(frame)),
+                backend::READY_FOR_QUERY => {
+                    if TransactionStatus::decode(frame.body())? != TransactionStatus::Idle {
+                        conn.conn.broken = true;
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if let Some(error) = error {
+            return forward_error(sink, error);
+        }
+    }
+    if let Some(frame) = last {
+        sink.out.extend_from_slice(frame.as_bytes());
+    }
+    Ok(())
+}
+
+/// Reads one statement's replies up to ReadyForQuery: the first error, and
+/// the rows counted by CommandComplete tags (`INSERT 0 n`, `COPY n`, ...).
+async fn read_outcome(conn: &mut ShardConn, max: u32) -> Result<(Option<Frame>, u64)> {
+    let server = &mut *conn.conn;
+    let mut error = None;
+    let mut rows = 0;
+    loop {
+        let frame = match read_frame(&mut server.stream, &mut server.buf, max).await {
+            Ok(frame) => frame,
+            Err(e) => {
+                server.broken = true;
+                return Err(e);
+            }
+        };
+        match frame.tag() {
+            backend::COMMAND_COMPLETE => {
+                let tag = backend::command_tag(frame.body())?;
+                rows += tag_rows(tag);
+            }
+            backend::ERROR_RESPONSE => error = error.or(Some(frame)),
+            backend::READY_FOR_QUERY => return Ok((error, rows)),
+            _ => {}
+        }
+    }
+}
+
+/// The row count at the end of a command tag (`INSERT 0 5` is 5).
+pub fn tag_rows(tag: &[u8]) -> u64 {
+    tag.rsplit(|&b| b == b' ')
+        .next()
+        .and_then(|n| std::str::from_utf8(n).ok())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Ends the transaction opened on every connection: COMMIT on each when
+/// `commit`, else ROLLBACK. A COMMIT that fails rolls back the shards not yet
+/// committed; returns the first error.
+async fn end_all(conns: &mut [ShardConn], mut commit: bool, max: u32) -> Result<Option<Frame>> {
+    let mut first_error = None;
+    for conn in conns.iter_mut() {
+        let sql: &[u8] = if commit { b"COMMIT" } else { b"ROLLBACK" };
+        let mut request = BytesMut::new();
+        frontend::encode_query(&mut request, sql);
+        send(conn, &request).await?;
+        let (error, _) = read_outcome(conn, max).await?;
+        if let Some(error) = error {
+            commit = false;
+            first_error = first_error.or(Some(error));
+        }
+    }
+    Ok(first_error)
+}
+
+/// A multi-row INSERT cut per shard ([`router::insert_split`]): every piece
+/// runs in a transaction on its shard, and all commit only if all pieces
+/// succeeded. (Without two-phase commit a crash between the COMMITs can
+/// still leave some shards committed; the pieces never half-apply otherwise.)
+pub async fn insert_split(
+    conns: &mut [ShardConn],
+    pieces: &[router::insert_split::ShardInsert],
+    req: &Request<'_>,
+    sink: &mut Sink<'_>,
+    max: u32,
+) -> Result<()> {
+    let mut first_error = None;
+    let mut total = 0;
+    for (conn, piece) in conns.iter_mut().zip(pieces) {
+        let mut request = BytesMut::new();
+        frontend::encode_query(&mut request, b"BEGIN");
+        match req.bind {
+            None => frontend::encode_query(&mut request, piece.sql.as_bytes()),
+            Some(bind) => {
+                let index = |p: &u16| (*p as usize).saturating_sub(1);
+                let types: Vec<u32> = piece
+                    .params
+                    .iter()
+                    .map(|p| req.param_types.get(index(p)).copied().unwrap_or(0))
+                    .collect();
+                let params = BindParams {
+                    formats: piece
+                        .params
+                        .iter()
+                        .map(|p| rows::format_of(&bind.formats, index(p)))
+                        .collect(),
+                    values: piece
+                        .params
+                        .iter()
+                        .map(|p| bind.values.get(index(p)).copied().flatten())
+                        .collect(),
+                    result_formats: Vec::new(),
+                };
+                let piece_req = Request {
+                    bind: Some(&params),
+                    param_types: &types,
+                    describe: false,
+                    execute: true,
+                };
+                encode_request(&mut request, &piece.sql, &piece_req, &[]);
+            }
+        }
+        send(conn, &request).await?;
+        let (begin_error, _) = read_outcome(conn, max).await?;
+        let (error, rows) = read_outcome(conn, max).await?;
+        total += rows;
+        if let Some(error) = begin_error.or(error) {
+            first_error = first_error.or(Some(error));
+        }
+    }
+    let commit_error = end_all(conns, first_error.is_none(), max).await?;
+    match first_error.or(commit_error) {
+        Some(error) => forward_error(sink, error),
+        None => {
+            if req.execute {
+                rows::encode_command_complete(sink.out, format!("INSERT 0 {total}").as_bytes());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sends `BEGIN` and then `sql` (a COPY FROM STDIN) and reads up to the
+/// CopyInResponse, or, if the COPY failed to start, the error (the
+/// connection is then idle in a failed transaction).
+pub async fn start_copy_in(
+    conn: &mut ShardConn,
+    sql: &str,
+    max: u32,
+) -> Result<Result<Frame, Frame>> {
+    let mut request = BytesMut::new();
+    frontend::encode_query(&mut request, b"BEGIN");
+    frontend::encode_query(&mut request, sql.as_bytes());
+    send(conn, &request).await?;
+    let (begin_error, _) = read_outcome(conn, max).await?;
+    if let Some(error) = begin_error {
+        let (_, _) = read_outcome(conn, max).await?;
+        return Ok(Err(error));
+    }
+    loop {
+        let frame = read(conn, max).await?;
+        match frame.tag() {
+            backend::COPY_IN_RESPONSE => return Ok(Ok(frame)),
+            backend::ERROR_RESPONSE => {
+                let (_, _) = read_outcome(conn, max).await?;
+                return Ok(Err(frame));
+            }
+            backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS => {}
+            other => {
+                conn.conn.broken = true;
+                return Err(Error::ServerProtocol(format!(
+                    "unexpected message 0x{other:02x} from shard {} starting a COPY",
+                    conn.shard
+                )));
+            }
+        }
+    }
+}
+
+/// Ends a split COPY on every connection (those in COPY mode get `done`,
+/// CopyDone or CopyFail), then commits all or rolls back all. Returns the
+/// rows copied or the first error.
+pub async fn end_copy_in(
+    conns: &mut [ShardConn],
+    in_copy: &[bool],
+    done: Option<&str>,
+    max: u32,
+) -> Result<std::result::Result<u64, Frame>> {
+    let mut first_error = None;
+    let mut total = 0;
+    for (conn, &copying) in conns.iter_mut().zip(in_copy) {
+        if !copying {
+            continue;
+        }
+        let mut request = BytesMut::new();
+        match done {
+            None => rows::encode_empty(&mut request, frontend::COPY_DONE),
+            Some(reason) => {
+                request.extend_from_slice(&[frontend::COPY_FAIL]);
+                request.extend_from_slice(&(4 + reason.len() as i32 + 1).to_be_bytes());
+                request.extend_from_slice(reason.as_bytes());
+                request.extend_from_slice(&[0]);
+            }
+        }
+        send(conn, &request).await?;
+        let (error, rows) = read_outcome(conn, max).await?;
+        total += rows;
+        first_error = first_error.or(error);
+    }
+    let commit_error = end_all(conns, first_error.is_none() && done.is_none(), max).await?;
+    Ok(match first_error.or(commit_error) {
+        Some(error) => Err(error),
+        None => Ok(total),
+    })
+}
+
+/// Appends a CopyData (F) with `data`.
+pub fn encode_copy_data(out: &mut BytesMut, data: &[u8]) {
+    out.extend_from_slice(&[frontend::COPY_DATA]);
+    out.extend_from_slice(&(4 + data.len() as i32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Writes `bytes` to the connection and empties it.
+pub async fn send_buffered(conn: &mut ShardConn, bytes: &mut BytesMut) -> Result<()> {
+    send(conn, bytes).await?;
+    bytes.clear();
+    Ok(())
+}

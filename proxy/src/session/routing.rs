@@ -1,0 +1,903 @@
+//! Routing: which shard a session's statements run on, once the shard map
+//! declares sharded tables.
+//!
+//! A transaction runs on one shard: the one its first statement routes to.
+//! So the session defers what it cannot place yet: a BEGIN is answered at
+//! once and sent ahead of the first real statement; the unnamed statement of
+//! the extended protocol is answered at its Parse and sent with its Bind,
+//! whose parameters may hold the shard key. Statements that need several
+//! shards run through [`crate::scatter`] outside transactions, or are
+//! refused with SQLSTATE 0A000 and the reason.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use router::insert_split::ShardInsert;
+use router::scatter::ScatterPlan;
+use router::{Route, ShardId, ShardMap, StatementKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wire::backend::{self, TransactionStatus};
+use wire::frontend::{self, Bind, Parse, Target};
+use wire::rows::{self, BindParams};
+use wire::Frame;
+
+use super::{write_some, ClientStatement, Session};
+use crate::error::{Error, Result};
+use crate::pending::{Entry, Expect, LocalReply};
+use crate::pool::Pool;
+use crate::scatter::{self, Request, Sink};
+
+/// What to do with a statement.
+enum Decision {
+    /// Run it on this shard's primary.
+    Run(ShardId),
+    /// A SELECT on several shards, merged.
+    Scatter(Vec<ShardId>),
+    /// DDL: these statements on these shards.
+    Broadcast(Vec<(ShardId, String)>),
+    /// A multi-row INSERT cut per shard.
+    SplitInsert(Vec<ShardInsert>),
+    /// COPY FROM STDIN into a sharded table, rows split by key.
+    CopyIn(Arc<router::Analysis>),
+    Refuse(String),
+}
+
+/// Work on several shards for one extended-protocol statement.
+pub(super) enum MultiJob {
+    Scatter(ScatterPlan),
+    Broadcast(Vec<(ShardId, String)>),
+    Insert(Vec<ShardInsert>),
+    CopyIn(Arc<router::Analysis>),
+}
+
+/// An extended-protocol statement bound for several shards, collected up to
+/// its Sync (the replies are made then, in the order the messages came).
+pub(super) struct MultiBatch {
+    job: MultiJob,
+    shards: Vec<ShardId>,
+    /// The statement's Parse definition and the Bind frame.
+    definition: Bytes,
+    bind: Frame,
+    describe: bool,
+    execute: bool,
+    closes: usize,
+}
+
+/// The transaction-control meaning of a one-statement text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxnWord {
+    Begin,
+    Commit,
+    Rollback,
+    RollbackTo,
+    Other,
+}
+
+fn txn_word(sql: &str) -> TxnWord {
+    let s = sql.trim().trim_end_matches(';').trim_end();
+    if s.contains(';') || s.len() > 64 {
+        return TxnWord::Other;
+    }
+    let lower = s.to_ascii_lowercase();
+    let mut words = lower.split_whitespace();
+    let first = words.next();
+    let mut rest = words.filter(|w| *w != "work" && *w != "transaction");
+    match first {
+        Some("begin") => TxnWord::Begin,
+        Some("start") if lower.split_whitespace().nth(1) == Some("transaction") => TxnWord::Begin,
+        Some("commit") | Some("end") => match rest.next() {
+            None => TxnWord::Commit,
+            Some(_) => TxnWord::Other, // AND CHAIN, PREPARED
+        },
+        Some("rollback") | Some("abort") => match rest.next() {
+            None => TxnWord::Rollback,
+            Some("to") => TxnWord::RollbackTo,
+            Some(_) => TxnWord::Other,
+        },
+        _ => TxnWord::Other,
+    }
+}
+
+/// `SET shardline.shard = N`, `SET shardline.shard TO DEFAULT`, `RESET shardline.shard`:
+/// `Some(Some(n))`, `Some(None)`, or `None` when the text is something else.
+fn shard_setting(sql: &str) -> Option<Result<Option<ShardId>, String>> {
+    let s = sql.trim().trim_end_matches(';').trim_end();
+    let lower = s.to_ascii_lowercase();
+    if lower == "reset shardline.shard" {
+        return Some(Ok(None));
+    }
+    let rest = lower
+        .strip_prefix("set")?
+        .trim_start()
+        .strip_prefix("session")
+        .map_or_else(|| lower[3..].trim_start(), str::trim_start);
+    let value = rest.strip_prefix("shardline.shard")?.trim_start();
+    let value = value
+        .strip_prefix('=')
+        .or_else(|| value.strip_prefix("to "))?
+        .trim()
+        .trim_matches('\'');
+    Some(match value {
+        "default" => Ok(None),
+        v => v.parse().map(|n| Some(ShardId(n))).map_err(|_| {
+            format!("invalid value for shardline.shard: \"{v}\" (a shard id, or DEFAULT)")
+        }),
+    })
+}
+
+/// The query text of a Parse definition (query, NUL, parameter types).
+fn definition_sql(definition: &[u8]) -> &[u8] {
+    let end = definition
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(definition.len());
+    &definition[..end]
+}
+
+fn tables_of(analysis: &router::Analysis) -> String {
+    let mut names: Vec<&str> = analysis.targets.iter().map(|t| t.table.as_str()).collect();
+    names.dedup();
+    names.join(", ")
+}
+
+impl Session {
+    /// The shard map to route by, when it declares sharded tables.
+    pub(super) fn routing_map(&self) -> Option<Arc<ShardMap>> {
+        let map = self.shared.follower.as_ref()?.map();
+        (!map.tables.is_empty()).then_some(map)
+    }
+
+    /// Handles the frames routing decides on; `false` leaves the frame to
+    /// the usual path.
+    pub(super) async fn route_frame(&mut self, frame: &Frame, map: &Arc<ShardMap>) -> Result<bool> {
+        if self.aborted_locally && self.on_aborted_frame(frame).await? {
+            return Ok(true);
+        }
+        match frame.tag() {
+            frontend::QUERY => {
+                self.on_query_routed(frame, map).await?;
+                Ok(true)
+            }
+            frontend::PARSE => {
+                let parse = Parse::decode(frame.body())?;
+                if !parse.name.is_empty() {
+                    return Ok(false);
+                }
+                // Deferred to the Bind, which may carry the key.
+                let start = frame.as_bytes().len() - parse.definition.len();
+                let definition = frame.clone().into_bytes().slice(start..);
+                let effects = self.effects_of(parse.query);
+                self.unnamed_effects = effects.clone();
+                self.unnamed = Some(ClientStatement {
+                    hash: 0,
+                    definition,
+                    effects,
+                });
+                self.unnamed_sent_on = None;
+                self.pending
+                    .push(Entry::Local(LocalReply::ParseComplete), &mut self.cout);
+                Ok(true)
+            }
+            frontend::BIND => {
+                self.on_bind_routed(frame, map).await?;
+                Ok(true)
+            }
+            frontend::CLOSE => {
+                let target = Target::decode(frame.body())?;
+                let unsent =
+                    self.unnamed_sent_on != Some(self.attach_count) || self.server.is_none();
+                if target.kind == frontend::TARGET_STATEMENT && target.name.is_empty() && unsent {
+                    self.unnamed = None;
+                    self.pending
+                        .push(Entry::Local(LocalReply::CloseComplete), &mut self.cout);
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Sends the deferred unnamed statement to the attached server if it is
+    /// not there yet.
+    pub(super) fn send_unnamed(&mut self) {
+        if self.unnamed_sent_on == Some(self.attach_count) {
+            return;
+        }
+        let Some(statement) = &self.unnamed else {
+            return;
+        };
+        frontend::encode_parse(&mut self.sout, b"", &statement.definition);
+        self.pending.push(
+            Entry::Injected {
+                expect: Expect::ParseComplete,
+                registers: None,
+            },
+            &mut self.cout,
+        );
+        self.pending.note_open();
+        self.unnamed_sent_on = Some(self.attach_count);
+    }
+
+    /// Makes sure a connection to `shard` is attached: the one in hand, or a
+    /// new one once the one in hand is between transactions.
+    pub(super) async fn attach(&mut self, shard: ShardId, map: &ShardMap) -> Result<()> {
+        if self.server.is_some() && self.server_shard != Some(shard) {
+            let current = self.server_shard.unwrap_or(ShardMap::HOME);
+            if self.server_in_transaction() {
+                return Err(Error::Refused(format!(
+                    "this transaction runs on shard {current} and this statement needs shard {shard}: \
+                     a transaction stays on the shard of its first statement (transactions across \
+                     shards need two-phase commit, which Shardline does not support yet)"
+                )));
+            }
+            if !self.pending.is_idle() {
+                if !self.pending.can_sync_early() {
+                    return Err(Error::Refused(format!(
+                        "this extended-protocol batch started on shard {current} and this statement \
+                         needs shard {shard}: send a Sync between statements for different shards"
+                    )));
+                }
+                frontend::encode_sync(&mut self.sout);
+                self.pending.push(
+                    Entry::Injected {
+                        expect: Expect::Ready,
+                        registers: None,
+                    },
+                    &mut self.cout,
+                );
+                self.settle().await?;
+            }
+            self.release_server();
+        }
+        if self.server.is_none() {
+            self.pool = self.pool_for(shard, map)?;
+            self.server_shard = Some(shard);
+        }
+        self.ensure_server().await
+    }
+
+    pub(super) fn pool_for(&mut self, shard: ShardId, map: &ShardMap) -> Result<Arc<Pool>> {
+        let Some(s) = map.shards.get(&shard) else {
+            if shard == ShardMap::HOME {
+                return Ok(self.home_pool.clone());
+            }
+            return Err(Error::Refused(format!(
+                "shard {shard} is not in the shard map"
+            )));
+        };
+        if let Some((addr, pool)) = self.shard_pools.get(&shard) {
+            if *addr == s.primary {
+                return Ok(pool.clone());
+            }
+        }
+        let database = self
+            .shared
+            .database(&self.database)
+            .ok_or_else(|| Error::UnknownDatabase(self.database.clone()))?;
+        let pool = self.shared.pool_at(database, &self.user, Some(&s.primary));
+        self.shard_pools
+            .insert(shard, (s.primary.clone(), pool.clone()));
+        Ok(pool)
+    }
+
+    /// Runs the attached server until every reply owed is in `cout`.
+    pub(super) async fn settle(&mut self) -> Result<()> {
+        loop {
+            self.process_server()?;
+            if self.pending.is_empty() && self.sout.is_empty() {
+                return Ok(());
+            }
+            if !self.cout.is_empty() {
+                write_some(&mut self.client, &mut self.cout)
+                    .await
+                    .map_err(Error::ClientIo)?;
+                continue;
+            }
+            let Some(conn) = self.server.as_deref_mut() else {
+                return Ok(());
+            };
+            if !self.sout.is_empty() {
+                conn.stream.write_all(&self.sout).await.map_err(|e| {
+                    conn.broken = true;
+                    Error::ServerIo(e)
+                })?;
+                self.sout.clear();
+                continue;
+            }
+            conn.buf.reserve(8192);
+            let n = conn.stream.read_buf(&mut conn.buf).await.map_err(|e| {
+                conn.broken = true;
+                Error::ServerIo(e)
+            })?;
+            if n == 0 {
+                conn.broken = true;
+                return Err(Error::ServerIo(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// The route of `sql` with `params`, as a decision.
+    fn decide(&self, sql: &str, map: &ShardMap, params: router::Params<'_>) -> Decision {
+        let analysis = self.shared.analyses.get_or_analyse(sql, map);
+        let mut route = router::route(&analysis, map, params);
+        match router::hint::hint(sql) {
+            Err(why) => return Decision::Refuse(why),
+            Ok(Some(hint)) => route = router::hint::apply_hint(route, &hint, &analysis, map),
+            Ok(None) => {}
+        }
+        if let (Some(shard), false) = (self.forced_shard, matches!(route, Route::Refused(_))) {
+            route = Route::Shard(shard);
+        }
+        let shards: Vec<ShardId> = match route {
+            Route::Refused(why) => return Decision::Refuse(why),
+            Route::Shard(shard) => return Decision::Run(shard),
+            Route::Home => {
+                // Inside a transaction on another shard, a statement that
+                // touches no table at all (COMMIT, SELECT now(), SET LOCAL)
+                // runs where the transaction is.
+                if let Some(current) = self.server_shard {
+                    let tableless = router::referenced_tables(sql).is_some_and(|t| t.is_empty());
+                    if current != ShardMap::HOME && tableless {
+                        return Decision::Run(current);
+                    }
+                }
+                return Decision::Run(ShardMap::HOME);
+            }
+            Route::Shards(set) => set.into_iter().collect(),
+            Route::Every => map.shards.keys().copied().collect(),
+        };
+        let tables = tables_of(&analysis);
+        let writes = analysis.targets.iter().any(|t| t.writes);
+        match analysis.kind {
+            StatementKind::Select if !writes => Decision::Scatter(shards),
+            StatementKind::Ddl if shards.len() == map.shards.len() => {
+                self.ddl_statements(sql, &analysis, map, &shards)
+            }
+            StatementKind::Update | StatementKind::Delete if matches!(route_kind(&shards, map), Spread::Every) => {
+                Decision::Refuse(format!(
+                    "{} on sharded table {tables} without its shard key in WHERE would change rows on \
+                     every shard, which needs two-phase commit (not supported yet): add a condition \
+                     on the shard key",
+                    kind_name(analysis.kind)
+                ))
+            }
+            StatementKind::Insert if sql.to_ascii_lowercase().contains("returning") => {
+                Decision::Refuse(format!(
+                    "RETURNING on an INSERT whose rows go to several shards of {tables} is not \
+                     supported (the rows could not come back in the order they were inserted); \
+                     insert per shard, or without RETURNING"
+                ))
+            }
+            StatementKind::Insert => {
+                match router::insert_split::split_insert(sql, &analysis, map, params) {
+                    Ok(pieces) => Decision::SplitInsert(pieces),
+                    Err(why) => Decision::Refuse(why),
+                }
+            }
+            StatementKind::Copy { from_stdin: true } => Decision::CopyIn(analysis.clone()),
+            StatementKind::Copy { .. } => Decision::Refuse(format!(
+                "COPY of sharded table {tables} across shards is not supported; use \
+                 COPY (SELECT ...) TO STDOUT with a shard key, or query each shard"
+            )),
+            kind => Decision::Refuse(format!(
+                "this {} touches sharded table {tables} on several shards, which needs two-phase \
+                 commit (not supported yet)",
+                kind_name(kind)
+            )),
+        }
+    }
+
+    /// DDL on sharded tables: the statements for each shard. A CREATE TABLE
+    /// of a declared table becomes its hash-partitioned layout there.
+    fn ddl_statements(
+        &self,
+        sql: &str,
+        analysis: &router::Analysis,
+        map: &ShardMap,
+        shards: &[ShardId],
+    ) -> Decision {
+        let created = analysis.targets.first().and_then(|t| {
+            let table = map.tables.get(&t.table)?;
+            let group = map.groups.get(&table.group)?;
+            Some((table, group))
+        });
+        let mut statements = Vec::with_capacity(shards.len());
+        for &shard in shards {
+            let text = match created {
+                Some((table, group)) => {
+                    match router::ddl::create_on_shard(sql, table, group, shard) {
+                        Ok(parts) => parts.join(";\n"),
+                        Err(e) if e.0 == "not a CREATE TABLE statement" => sql.to_owned(),
+                        Err(e) => return Decision::Refuse(e.0),
+                    }
+                }
+                None => sql.to_owned(),
+            };
+            statements.push((shard, text));
+        }
+        Decision::Broadcast(statements)
+    }
+
+    async fn on_query_routed(&mut self, frame: &Frame, map: &Arc<ShardMap>) -> Result<()> {
+        let text = frontend::query_text(frame.body())?;
+        // A simple Query ends the unnamed statement, on the server as here.
+        self.unnamed = None;
+        if !self.pending.is_empty() && self.server.is_some() {
+            self.settle().await?;
+        }
+        let Ok(sql) = std::str::from_utf8(text) else {
+            return self.run_query_on(ShardMap::HOME, frame, map).await;
+        };
+        if let Some(setting) = shard_setting(sql) {
+            return match setting {
+                Ok(shard) => {
+                    self.forced_shard = shard;
+                    rows::encode_command_complete(&mut self.cout, b"SET");
+                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                    Ok(())
+                }
+                Err(why) => self.report(Error::Refused(why), frontend::QUERY),
+            };
+        }
+        if !self.server_in_transaction() {
+            match (txn_word(sql), self.txn_status, &self.deferred_begin) {
+                (TxnWord::Begin, TransactionStatus::Idle, _) => {
+                    self.deferred_begin = Some(frame.clone().into_bytes());
+                    self.txn_status = TransactionStatus::InTransaction;
+                    rows::encode_command_complete(&mut self.cout, b"BEGIN");
+                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                    return Ok(());
+                }
+                (word @ (TxnWord::Commit | TxnWord::Rollback), _, Some(_)) => {
+                    // Nothing ran: ending the transaction needs no server.
+                    self.deferred_begin = None;
+                    self.txn_status = TransactionStatus::Idle;
+                    let tag: &[u8] = if word == TxnWord::Commit {
+                        b"COMMIT"
+                    } else {
+                        b"ROLLBACK"
+                    };
+                    rows::encode_command_complete(&mut self.cout, tag);
+                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        let (shards, job) = match self.decide(sql, map, router::Params::default()) {
+            Decision::Run(shard) => return self.run_query_on(shard, frame, map).await,
+            Decision::Refuse(why) => return self.report(Error::Refused(why), frontend::QUERY),
+            multi => match multi_job(multi, sql, map) {
+                Ok(job) => job,
+                Err(e) => return self.report(e, frontend::QUERY),
+            },
+        };
+        if let Err(e) = self.check_multi_allowed() {
+            return self.report(e, frontend::QUERY);
+        }
+        let result = match &job {
+            MultiJob::CopyIn(analysis) => self.copy_in_split(sql, analysis, map).await,
+            job => {
+                let req = Request {
+                    bind: None,
+                    param_types: &[],
+                    describe: true,
+                    execute: true,
+                };
+                self.run_multi(&shards, job, &req, map).await
+            }
+        };
+        self.after_multi(result, frontend::QUERY)
+    }
+
+    async fn run_query_on(&mut self, shard: ShardId, frame: &Frame, map: &ShardMap) -> Result<()> {
+        if let Err(e) = self.attach(shard, map).await {
+            return self.report(e, frontend::QUERY);
+        }
+        self.start_deferred_transaction();
+        let effects = self.effects_of(frontend::query_text(frame.body())?);
+        self.forward(frame, Entry::with_effects(Expect::Ready, effects));
+        Ok(())
+    }
+
+    /// Statements on several shards run only outside transactions, on a
+    /// session with nothing else in flight.
+    fn check_multi_allowed(&mut self) -> Result<()> {
+        if self.txn_status != TransactionStatus::Idle {
+            let on = self
+                .server_shard
+                .map_or_else(|| "its first shard".to_owned(), |s| format!("shard {s}"));
+            return Err(Error::Refused(format!(
+                "this statement needs several shards, but a transaction runs on one shard ({on}); \
+                 run it outside the transaction block"
+            )));
+        }
+        if self.server.is_some() {
+            if !self.pending.is_idle() {
+                return Err(Error::Refused(
+                    "a statement that needs several shards must be the only one in its \
+                     extended-protocol batch: send a Sync before it"
+                        .into(),
+                ));
+            }
+            self.release_server();
+        }
+        Ok(())
+    }
+
+    fn after_multi(&mut self, result: Result<()>, tag: u8) -> Result<()> {
+        match result {
+            Ok(()) => {
+                if tag == frontend::QUERY || tag == frontend::SYNC {
+                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                }
+                Ok(())
+            }
+            Err(e) => self.report(e, tag),
+        }
+    }
+
+    /// Checks out one connection per shard and runs `job` on them.
+    async fn run_multi(
+        &mut self,
+        shards: &[ShardId],
+        job: &MultiJob,
+        req: &Request<'_>,
+        map: &ShardMap,
+    ) -> Result<()> {
+        let max = self.shared.config.proxy.message_bytes_max;
+        let mut conns = self.checkout_all(shards, map).await?;
+        let flush_bytes = self.shared.config.proxy.buffer_bytes_max as usize;
+        let mut sink = Sink {
+            client: &mut self.client,
+            out: &mut self.cout,
+            flush_bytes,
+        };
+        match job {
+            MultiJob::Scatter(plan) => scatter::gather(&mut conns, plan, req, &mut sink, max).await,
+            MultiJob::Broadcast(statements) => {
+                let texts: Vec<String> = statements.iter().map(|(_, t)| t.clone()).collect();
+                scatter::broadcast(&mut conns, &texts, &mut sink, max).await
+            }
+            MultiJob::Insert(pieces) => {
+                scatter::insert_split(&mut conns, pieces, req, &mut sink, max).await
+            }
+            MultiJob::CopyIn(_) => Err(Error::Refused("COPY runs on its own path".into())),
+        }
+    }
+
+    async fn on_bind_routed(&mut self, frame: &Frame, map: &Arc<ShardMap>) -> Result<()> {
+        let bind = Bind::decode(frame.body())?;
+        let statement = if bind.statement.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.statements.get(bind.statement)
+        };
+        let Some(statement) = statement else {
+            // Unknown to us: the server reports it, wherever it runs.
+            let shard = self.server_shard.unwrap_or(ShardMap::HOME);
+            if let Err(e) = self.attach(shard, map).await {
+                return self.report(e, frontend::BIND);
+            }
+            return self.on_bind(frame);
+        };
+        let definition = statement.definition.clone();
+        if !self.pending.is_empty() && self.server.is_some() {
+            self.settle().await?;
+        }
+        let Ok(sql) = std::str::from_utf8(definition_sql(&definition)) else {
+            return self.bind_on(ShardMap::HOME, frame, &bind, map).await;
+        };
+        let params = BindParams::decode(bind.rest)?;
+        let route_params = router::Params {
+            values: &params.values,
+            formats: &params.formats,
+        };
+        let (shards, job) = match self.decide(sql, map, route_params) {
+            Decision::Run(shard) => return self.bind_on(shard, frame, &bind, map).await,
+            Decision::Refuse(why) => return self.report(Error::Refused(why), frontend::BIND),
+            multi => match multi_job(multi, sql, map) {
+                Ok(job) => job,
+                Err(e) => return self.report(e, frontend::BIND),
+            },
+        };
+        if matches!(job, MultiJob::Broadcast(_)) && !params.values.is_empty() {
+            let e = Error::Refused("DDL on a sharded table cannot take parameters".into());
+            return self.report(e, frontend::BIND);
+        }
+        if let Err(e) = self.check_multi_allowed() {
+            return self.report(e, frontend::BIND);
+        }
+        self.start_multi_batch(job, shards, definition, frame)
+    }
+
+    async fn bind_on(
+        &mut self,
+        shard: ShardId,
+        frame: &Frame,
+        bind: &Bind<'_>,
+        map: &ShardMap,
+    ) -> Result<()> {
+        if let Err(e) = self.attach(shard, map).await {
+            return self.report(e, frontend::BIND);
+        }
+        self.start_deferred_transaction();
+        if bind.statement.is_empty() {
+            self.send_unnamed();
+        }
+        self.on_bind(frame)
+    }
+
+    fn start_multi_batch(
+        &mut self,
+        job: MultiJob,
+        shards: Vec<ShardId>,
+        definition: Bytes,
+        bind: &Frame,
+    ) -> Result<()> {
+        self.multi_batch = Some(MultiBatch {
+            job,
+            shards,
+            definition,
+            bind: bind.clone(),
+            describe: false,
+            execute: false,
+            closes: 0,
+        });
+        Ok(())
+    }
+
+    /// A frame while a multi-shard statement is being collected. `true`:
+    /// consumed. `false`: the batch ran; the frame is for the usual path.
+    pub(super) async fn on_multi_batch_frame(&mut self, frame: &Frame) -> Result<bool> {
+        let batch = self.multi_batch.as_mut().expect("checked by the caller");
+        match frame.tag() {
+            frontend::DESCRIBE => {
+                let target = Target::decode(frame.body())?;
+                if target.kind == frontend::TARGET_PORTAL {
+                    batch.describe = true;
+                    return Ok(true);
+                }
+            }
+            frontend::EXECUTE => {
+                let body = frame.body();
+                let max_rows = body
+                    .iter()
+                    .position(|&b| b == 0)
+                    .and_then(|end| body.get(end + 1..end + 5))
+                    .map_or(0, |b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                if max_rows > 0 {
+                    self.multi_batch = None;
+                    return self
+                        .report(
+                            Error::Refused(
+                                "fetching a statement that runs on several shards in pieces \
+                                 (Execute with a row limit) is not supported"
+                                    .into(),
+                            ),
+                            frontend::EXECUTE,
+                        )
+                        .map(|()| true);
+                }
+                batch.execute = true;
+                if matches!(batch.job, MultiJob::CopyIn(_)) {
+                    // The client waits for CopyInResponse before its Sync.
+                    self.run_multi_batch().await?;
+                }
+                return Ok(true);
+            }
+            frontend::CLOSE => {
+                let target = Target::decode(frame.body())?;
+                if target.kind == frontend::TARGET_PORTAL {
+                    batch.closes += 1;
+                    return Ok(true);
+                }
+            }
+            frontend::FLUSH => return Ok(true),
+            _ => {}
+        }
+        self.run_multi_batch().await?;
+        if frame.tag() == frontend::SYNC {
+            backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn run_multi_batch(&mut self) -> Result<()> {
+        let batch = self.multi_batch.take().expect("checked by the caller");
+        let map = match self.routing_map() {
+            Some(map) => map,
+            None => Arc::new(ShardMap::default()),
+        };
+        let bind = Bind::decode(batch.bind.body())?;
+        let params = BindParams::decode(bind.rest)?;
+        let param_types = rows::parse_param_types(&batch.definition)?;
+        let req = Request {
+            bind: Some(&params),
+            param_types: &param_types,
+            describe: batch.describe,
+            execute: batch.execute,
+        };
+        rows::encode_empty(&mut self.cout, backend::BIND_COMPLETE);
+        let result = match &batch.job {
+            MultiJob::CopyIn(analysis) => {
+                let sql = String::from_utf8_lossy(definition_sql(&batch.definition)).into_owned();
+                self.copy_in_split(&sql, analysis, &map).await
+            }
+            job => self.run_multi(&batch.shards, job, &req, &map).await,
+        };
+        match result {
+            Ok(()) => {
+                for _ in 0..batch.closes {
+                    rows::encode_empty(&mut self.cout, backend::CLOSE_COMPLETE);
+                }
+                Ok(())
+            }
+            Err(e) => self.report(e, frontend::EXECUTE),
+        }
+    }
+
+    /// A frame in a transaction aborted by a refusal. `true`: handled.
+    async fn on_aborted_frame(&mut self, frame: &Frame) -> Result<bool> {
+        let sql = match frame.tag() {
+            frontend::QUERY => frontend::query_text(frame.body())?,
+            frontend::PARSE => Parse::decode(frame.body())?.query,
+            frontend::SYNC => return Ok(false),
+            _ => {
+                return self
+                    .report(Error::TransactionAborted, frame.tag())
+                    .map(|()| true)
+            }
+        };
+        let word = std::str::from_utf8(sql).map_or(TxnWord::Other, txn_word);
+        match (word, frame.tag()) {
+            (TxnWord::Commit | TxnWord::Rollback, frontend::QUERY) => {
+                self.end_aborted();
+                rows::encode_command_complete(&mut self.cout, b"ROLLBACK");
+                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                Ok(true)
+            }
+            (TxnWord::RollbackTo, _) if self.server.is_some() => {
+                // The server's transaction never saw the refused statement.
+                self.aborted_locally = false;
+                self.txn_status = TransactionStatus::InTransaction;
+                Ok(false)
+            }
+            (TxnWord::Commit | TxnWord::Rollback, _) => {
+                // Extended protocol: end it here and let the client's
+                // statement run as a ROLLBACK with nothing to roll back, so
+                // it sees the tag PostgreSQL gives a failed COMMIT.
+                self.end_aborted();
+                let parse = Parse::decode(frame.body())?;
+                let mut bytes = bytes::BytesMut::new();
+                frontend::encode_parse(&mut bytes, parse.name, b"ROLLBACK\0\0\0");
+                let rewritten = Frame::from_bytes(bytes.freeze())?;
+                Box::pin(self.on_client_frame(rewritten)).await?;
+                Ok(true)
+            }
+            _ => self
+                .report(Error::TransactionAborted, frame.tag())
+                .map(|()| true),
+        }
+    }
+
+    /// Ends a locally aborted transaction: dropping the server connection
+    /// makes PostgreSQL roll back whatever ran before the refusal.
+    fn end_aborted(&mut self) {
+        if let Some(mut conn) = self.server.take() {
+            conn.broken = true;
+        }
+        self.server_shard = None;
+        *self.cancel_target.lock().expect("lock poisoned") = None;
+        self.pending.clear();
+        self.deferred_begin = None;
+        self.aborted_locally = false;
+        self.txn_status = TransactionStatus::Idle;
+        self.txn_effects.clear();
+    }
+}
+
+/// The shards and the job of a decision to run on several shards.
+fn multi_job(decision: Decision, sql: &str, map: &ShardMap) -> Result<(Vec<ShardId>, MultiJob)> {
+    Ok(match decision {
+        Decision::Scatter(shards) => {
+            let plan = router::scatter::plan(sql).map_err(|r| Error::Refused(r.0))?;
+            (shards, MultiJob::Scatter(plan))
+        }
+        Decision::Broadcast(statements) => {
+            let shards = statements.iter().map(|(s, _)| *s).collect();
+            (shards, MultiJob::Broadcast(statements))
+        }
+        Decision::SplitInsert(pieces) => {
+            let shards = pieces.iter().map(|p| p.shard).collect();
+            (shards, MultiJob::Insert(pieces))
+        }
+        Decision::CopyIn(analysis) => (
+            map.shards.keys().copied().collect(),
+            MultiJob::CopyIn(analysis),
+        ),
+        Decision::Run(_) | Decision::Refuse(_) => {
+            return Err(Error::Refused("not a statement for several shards".into()))
+        }
+    })
+}
+
+/// Whether a shard set is every shard of the map.
+enum Spread {
+    Every,
+    Some,
+}
+
+fn route_kind(shards: &[ShardId], map: &ShardMap) -> Spread {
+    let set: BTreeSet<&ShardId> = shards.iter().collect();
+    if map.shards.keys().all(|s| set.contains(s)) {
+        Spread::Every
+    } else {
+        Spread::Some
+    }
+}
+
+fn kind_name(kind: StatementKind) -> &'static str {
+    match kind {
+        StatementKind::Select => "SELECT",
+        StatementKind::Insert => "INSERT",
+        StatementKind::Update => "UPDATE",
+        StatementKind::Delete => "DELETE",
+        StatementKind::Copy { .. } => "COPY",
+        StatementKind::Ddl => "DDL statement",
+        StatementKind::Transaction => "transaction statement",
+        StatementKind::Other => "statement",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_words() {
+        assert_eq!(txn_word("BEGIN"), TxnWord::Begin);
+        assert_eq!(
+            txn_word(" begin isolation level serializable; "),
+            TxnWord::Begin
+        );
+        assert_eq!(txn_word("START TRANSACTION"), TxnWord::Begin);
+        assert_eq!(txn_word("commit"), TxnWord::Commit);
+        assert_eq!(txn_word("END WORK"), TxnWord::Commit);
+        assert_eq!(txn_word("COMMIT AND CHAIN"), TxnWord::Other);
+        assert_eq!(txn_word("ROLLBACK"), TxnWord::Rollback);
+        assert_eq!(txn_word("rollback to savepoint a"), TxnWord::RollbackTo);
+        assert_eq!(txn_word("ROLLBACK PREPARED 'x'"), TxnWord::Other);
+        assert_eq!(txn_word("BEGIN; SELECT 1"), TxnWord::Other);
+        assert_eq!(txn_word("SELECT 1"), TxnWord::Other);
+    }
+
+    #[test]
+    fn shard_settings() {
+        assert_eq!(
+            shard_setting("SET shardline.shard = 2"),
+            Some(Ok(Some(ShardId(2))))
+        );
+        assert_eq!(
+            shard_setting("set shardline.shard to '1';"),
+            Some(Ok(Some(ShardId(1))))
+        );
+        assert_eq!(
+            shard_setting("SET SESSION shardline.shard = 3"),
+            Some(Ok(Some(ShardId(3))))
+        );
+        assert_eq!(shard_setting("RESET shardline.shard"), Some(Ok(None)));
+        assert_eq!(
+            shard_setting("SET shardline.shard TO DEFAULT"),
+            Some(Ok(None))
+        );
+        assert!(matches!(
+            shard_setting("SET shardline.shard = x"),
+            Some(Err(_))
+        ));
+        assert_eq!(shard_setting("SET search_path = a"), None);
+    }
+}

@@ -1,0 +1,282 @@
+//! Session behaviour of a routing proxy: transactions pinned to the shard of
+//! their first statement, refusals that abort the transaction as PostgreSQL
+//! errors do, multi-shard writes that apply everywhere or nowhere, DDL on
+//! every shard, routing hints, and COPY split by key.
+
+use futures_util::SinkExt;
+use router::hash::KeyValue;
+use router::{KeyType, ShardId};
+
+use crate::harness::sqlstate;
+use crate::sharded_env::ShardedEnv;
+
+/// Two ids owned by different shards.
+fn ids_on_two_shards(env: &ShardedEnv) -> (i64, i64) {
+    let first = 1i64;
+    let owner = env.owner("accounts", &KeyValue::Int8(first));
+    let second = (2..1000)
+        .find(|id| env.owner("accounts", &KeyValue::Int8(*id)) != owner)
+        .expect("some key lives elsewhere");
+    (first, second)
+}
+
+async fn count_on(env: &ShardedEnv, shard: ShardId) -> i64 {
+    env.direct(shard.0 as usize)
+        .await
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+async fn env_with_accounts() -> ShardedEnv {
+    let env = ShardedEnv::start(2).await;
+    env.declare("accounts", "id", KeyType::Int8, 8).await;
+    env.client()
+        .await
+        .batch_execute("CREATE TABLE accounts (id int8 PRIMARY KEY, v int4 NOT NULL)")
+        .await
+        .expect("create through the proxy");
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_stays_on_the_shard_of_its_first_statement() {
+    let env = env_with_accounts().await;
+    let (a, b) = ids_on_two_shards(&env);
+    let mut db = env.client().await;
+
+    // BEGIN is deferred: the first statement chooses the shard, and the
+    // transaction commits there.
+    let tx = db.transaction().await.expect("begin");
+    tx.execute("INSERT INTO accounts (id, v) VALUES ($1, 1)", &[&a])
+        .await
+        .expect("first write picks the shard");
+    tx.execute("UPDATE accounts SET v = v + 1 WHERE id = $1", &[&a])
+        .await
+        .expect("same shard");
+    let now: bool = tx
+        .query_one("SELECT now() IS NOT NULL", &[])
+        .await
+        .expect("table-less statements run where the transaction is")
+        .get(0);
+    assert!(now);
+    // Another shard inside the transaction: refused, and the transaction is
+    // aborted as a PostgreSQL error would abort it.
+    let err = tx
+        .execute("INSERT INTO accounts (id, v) VALUES ($1, 1)", &[&b])
+        .await
+        .expect_err("second shard refused");
+    assert_eq!(sqlstate(&err), "0A000", "{err}");
+    let err = tx
+        .execute("UPDATE accounts SET v = 0 WHERE id = $1", &[&a])
+        .await
+        .expect_err("aborted transaction");
+    assert_eq!(sqlstate(&err), "25P02", "{err}");
+    // As in PostgreSQL, COMMIT of an aborted transaction rolls it back.
+    tx.batch_execute("COMMIT")
+        .await
+        .expect("COMMIT of an aborted transaction is answered (ROLLBACK)");
+    drop(tx);
+    let rows = db
+        .query("SELECT v FROM accounts WHERE id = $1", &[&a])
+        .await
+        .expect("read");
+    assert!(rows.is_empty(), "the aborted transaction left rows behind");
+
+    // A committed transaction's writes are there, on the owner only.
+    let tx = db.transaction().await.expect("begin");
+    tx.execute("INSERT INTO accounts (id, v) VALUES ($1, 7)", &[&b])
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    let owner = env.owner("accounts", &KeyValue::Int8(b));
+    let direct = env.direct(owner.0 as usize).await;
+    let v: i32 = direct
+        .query_one("SELECT v FROM accounts WHERE id = $1", &[&b])
+        .await
+        .expect("on its owner")
+        .get(0);
+    assert_eq!(v, 7);
+
+    // BEGIN then COMMIT with nothing in between needs no server.
+    db.batch_execute("BEGIN; COMMIT")
+        .await
+        .expect("empty transaction");
+    db.simple_query("BEGIN").await.expect("begin");
+    db.simple_query("ROLLBACK").await.expect("rollback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_shard_writes_apply_everywhere_or_nowhere() {
+    let env = env_with_accounts().await;
+    let (a, b) = ids_on_two_shards(&env);
+    let db = env.client().await;
+    let owner_a = env.owner("accounts", &KeyValue::Int8(a));
+    let owner_b = env.owner("accounts", &KeyValue::Int8(b));
+
+    // A multi-row INSERT over two shards is split and lands on both.
+    let inserted = db
+        .execute(
+            "INSERT INTO accounts (id, v) VALUES ($1, 1), ($2, 2)",
+            &[&a, &b],
+        )
+        .await
+        .expect("split insert");
+    assert_eq!(inserted, 2);
+    assert_eq!(count_on(&env, owner_a).await, 1);
+    assert_eq!(count_on(&env, owner_b).await, 1);
+
+    // One piece fails (duplicate key on b's shard): no shard keeps its rows.
+    let c = (b + 1..10_000)
+        .find(|id| env.owner("accounts", &KeyValue::Int8(*id)) == owner_a)
+        .expect("another key on a's shard");
+    let sql = format!("INSERT INTO accounts (id, v) VALUES ({c}, 3), ({b}, 4)");
+    let err = db.simple_query(&sql).await.expect_err("duplicate key");
+    assert_eq!(sqlstate(&err), "23505", "{err}");
+    assert_eq!(count_on(&env, owner_a).await, 1, "a's shard kept a row");
+
+    // Keyless UPDATE/DELETE would write every shard: refused.
+    for sql in [
+        "UPDATE accounts SET v = 0",
+        "DELETE FROM accounts WHERE v = 1",
+    ] {
+        let err = db.simple_query(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err}");
+    }
+    // RETURNING over several shards would reorder rows: refused.
+    let err = db
+        .simple_query(&format!(
+            "INSERT INTO accounts (id, v) VALUES ({}, 1), ({}, 1) RETURNING id",
+            c,
+            b + 100_000
+        ))
+        .await
+        .expect_err("returning");
+    assert!(matches!(sqlstate(&err).as_str(), "0A000"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_hints_and_copy_reach_the_right_shards() {
+    let env = env_with_accounts().await;
+    let db = env.client().await;
+
+    // DDL on a sharded table runs on every shard; the client gets one reply.
+    db.batch_execute("CREATE INDEX accounts_v ON accounts (v)")
+        .await
+        .expect("index everywhere");
+    for shard in 0..2 {
+        let n: i64 = env
+            .direct(shard)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'accounts_v'",
+                &[],
+            )
+            .await
+            .expect("indexes")
+            .get(0);
+        assert_eq!(n, 1, "index on shard {shard}");
+    }
+
+    // COPY in CSV with a header, split by key.
+    let sink = db
+        .copy_in("COPY accounts (v, id) FROM STDIN WITH (FORMAT csv, HEADER)")
+        .await
+        .expect("copy starts");
+    let mut data = String::from("v,id\n");
+    for id in 1..=500 {
+        data.push_str(&format!("{},{id}\n", id * 10));
+    }
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data)).await.expect("send");
+    let copied = sink.finish().await.expect("copy done");
+    assert_eq!(copied, 500);
+    let mut total = 0;
+    for shard in 0..2u32 {
+        let direct = env.direct(shard as usize).await;
+        let ids: Vec<i64> = direct
+            .query("SELECT id FROM accounts", &[])
+            .await
+            .expect("ids")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for id in &ids {
+            assert_eq!(env.owner("accounts", &KeyValue::Int8(*id)), ShardId(shard));
+        }
+        total += ids.len();
+    }
+    assert_eq!(total, 500);
+
+    // A row whose key does not read as int8: nothing is copied anywhere.
+    let sink = db
+        .copy_in("COPY accounts (id, v) FROM STDIN")
+        .await
+        .expect("copy starts");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from("1001\t1\nnot-a-number\t2\n"))
+        .await
+        .expect("send");
+    let err = sink.finish().await.expect_err("bad key");
+    assert_eq!(sqlstate(&err), "22P04", "{err}");
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 500);
+
+    // Hints and SET shardline.shard pick a shard for what has no key.
+    let on_shard = |sql: String| {
+        let db = &db;
+        async move {
+            let rows = db.simple_query(&sql).await.expect("hinted");
+            rows.iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .expect("a row")
+        }
+    };
+    let port0 = env.pg[0].port().to_string();
+    let port1 = env.pg[1].port().to_string();
+    assert_eq!(
+        on_shard("/* shardline: shard=1 */ SELECT current_setting('port')".into()).await,
+        port1
+    );
+    db.simple_query("SET shardline.shard = 1")
+        .await
+        .expect("set");
+    assert_eq!(
+        on_shard("SELECT current_setting('port')".into()).await,
+        port1
+    );
+    db.simple_query("RESET shardline.shard")
+        .await
+        .expect("reset");
+    assert_eq!(
+        on_shard("SELECT current_setting('port')".into()).await,
+        port0
+    );
+    let key_owner = env.owner("accounts", &KeyValue::Int8(77));
+    let port = env.pg[key_owner.0 as usize].port().to_string();
+    assert_eq!(
+        on_shard("/* shardline: key=77 */ SELECT current_setting('port')".into()).await,
+        port
+    );
+
+    // DROP TABLE reaches every shard too.
+    db.batch_execute("DROP TABLE accounts").await.expect("drop");
+    for shard in 0..2 {
+        let exists: bool = env
+            .direct(shard)
+            .await
+            .query_one("SELECT to_regclass('accounts') IS NOT NULL", &[])
+            .await
+            .expect("regclass")
+            .get(0);
+        assert!(!exists, "accounts still on shard {shard}");
+    }
+}
