@@ -55,6 +55,10 @@ impl Expect {
 pub enum LocalReply {
     ParseComplete,
     CloseComplete,
+    BindComplete,
+    NoData,
+    /// CommandComplete with this tag (a BEGIN or COMMIT answered locally).
+    Complete(&'static str),
 }
 
 pub type Effects = Arc<[SessionEffect]>;
@@ -367,6 +371,13 @@ impl Pending {
                 }
                 Entry::Local(LocalReply::CloseComplete) => {
                     wire::backend::encode_close_complete(out)
+                }
+                Entry::Local(LocalReply::BindComplete) => {
+                    wire::rows::encode_empty(out, backend::BIND_COMPLETE)
+                }
+                Entry::Local(LocalReply::NoData) => wire::rows::encode_empty(out, backend::NO_DATA),
+                Entry::Local(LocalReply::Complete(tag)) => {
+                    wire::rows::encode_command_complete(out, tag.as_bytes())
                 }
                 Entry::CopyEnd => {}
                 _ => return,

@@ -10,8 +10,9 @@
 //! sharded table is the other multi-shard job: the same change on every
 //! shard, one reply.
 //!
-//! Every connection used is read to its ReadyForQuery before it goes back to
-//! its pool; one left in any other state is marked broken.
+//! A connection is marked broken from checkout until a ReadyForQuery that
+//! says idle is read from it, so any early exit (an error here, a client
+//! that goes away) drops it instead of pooling it mid-statement.
 
 use std::cmp::Ordering;
 use std::ops::Range;
@@ -38,6 +39,31 @@ pub const PARTIAL_ROWS_MAX: usize = 100_000;
 pub struct ShardConn {
     pub shard: ShardId,
     pub conn: Pooled,
+    /// An IO or protocol error: nothing more is read from it.
+    failed: bool,
+}
+
+impl ShardConn {
+    /// Takes `conn` for `shard`; it stays marked broken until it is seen idle.
+    pub fn new(shard: ShardId, mut conn: Pooled) -> ShardConn {
+        conn.broken = true;
+        ShardConn {
+            shard,
+            conn,
+            failed: false,
+        }
+    }
+
+    fn fail(&mut self) {
+        self.failed = true;
+        self.conn.broken = true;
+    }
+
+    /// A ReadyForQuery was read: poolable again only if idle.
+    fn ready(&mut self, body: &[u8]) -> Result<()> {
+        self.conn.broken = TransactionStatus::decode(body)? != TransactionStatus::Idle;
+        Ok(())
+    }
 }
 
 /// What the client asked of the statement.
@@ -58,6 +84,8 @@ pub struct Sink<'a> {
     pub client: &'a mut TcpStream,
     pub out: &'a mut BytesMut,
     pub flush_bytes: usize,
+    /// An ErrorResponse was sent: an extended batch now skips to its Sync.
+    pub errored: bool,
 }
 
 impl Sink<'_> {
@@ -82,18 +110,19 @@ enum Event {
 }
 
 async fn send(conn: &mut ShardConn, bytes: &[u8]) -> Result<()> {
-    conn.conn.stream.write_all(bytes).await.map_err(|e| {
-        conn.conn.broken = true;
+    let sent = conn.conn.stream.write_all(bytes).await;
+    sent.map_err(|e| {
+        conn.fail();
         Error::ServerIo(e)
     })
 }
 
-/// The next frame from the connection; one that fails is marked broken.
+/// The next frame from the connection.
 async fn read(conn: &mut ShardConn, max: u32) -> Result<Frame> {
     let server = &mut *conn.conn;
     let frame = read_frame(&mut server.stream, &mut server.buf, max).await;
     if frame.is_err() {
-        server.broken = true;
+        conn.fail();
     }
     frame
 }
@@ -114,7 +143,7 @@ async fn next_event(conn: &mut ShardConn, max: u32) -> Result<Event> {
             }
             backend::ERROR_RESPONSE => return Ok(Event::Error(frame)),
             other => {
-                conn.conn.broken = true;
+                conn.fail();
                 return Err(Error::ServerProtocol(format!(
                     "unexpected message 0x{other:02x} from shard {} during a multi-shard statement",
                     conn.shard
@@ -130,10 +159,7 @@ async fn finish(conn: &mut ShardConn, max: u32) -> Result<()> {
     loop {
         let frame = read(conn, max).await?;
         if frame.tag() == backend::READY_FOR_QUERY {
-            if TransactionStatus::decode(frame.body())? != TransactionStatus::Idle {
-                conn.conn.broken = true;
-            }
-            return Ok(());
+            return conn.ready(frame.body());
         }
     }
 }
@@ -178,6 +204,16 @@ pub async fn gather(
         }
         _ => client_formats.to_vec(),
     };
+    // Everything that can fail without the shards comes before they are asked.
+    let bounds = match &plan.merge {
+        Merge::Concat { limit, offset } | Merge::Sorted { limit, offset, .. } => {
+            Bounds::resolve(*limit, *offset, req.bind)?
+        }
+        Merge::Final(_) => Bounds {
+            offset: 0,
+            limit: None,
+        },
+    };
     if matches!(plan.merge, Merge::Sorted { .. }) {
         for conn in conns.iter_mut() {
             learn_text_order(conn, max).await?;
@@ -192,23 +228,17 @@ pub async fn gather(
         Merge::Final(final_plan) => {
             gather_final(conns, final_plan, req, client_formats, sink, max).await
         }
-        Merge::Concat { limit, offset } => {
-            let bounds = Bounds::resolve(*limit, *offset, req.bind)?;
+        Merge::Concat { .. } => {
             stream(conns, plan.hidden_columns, &[], bounds, req, sink, max).await
         }
-        Merge::Sorted {
-            keys,
-            limit,
-            offset,
-        } => {
-            let bounds = Bounds::resolve(*limit, *offset, req.bind)?;
+        Merge::Sorted { keys, .. } => {
             stream(conns, plan.hidden_columns, keys, bounds, req, sink, max).await
         }
     };
     // Every connection is read to its end, whatever happened above.
     let mut drained = Ok(());
     for conn in conns.iter_mut() {
-        if !conn.conn.broken {
+        if !conn.failed {
             if let Err(e) = finish(conn, max).await {
                 drained = Err(e);
             }
@@ -349,7 +379,7 @@ async fn stream(
             }
             Event::Error(frame) => return forward_error(sink, frame),
             _ => {
-                conn.conn.broken = true;
+                conn.fail();
                 return Err(Error::ServerProtocol(format!(
                     "shard {} sent rows without a RowDescription",
                     conn.shard
@@ -460,7 +490,7 @@ async fn advance(
             return Ok(Some(frame));
         }
         Event::Description(_) => {
-            conns[i].conn.broken = true;
+            conns[i].fail();
             return Err(Error::ServerProtocol("a second RowDescription".into()));
         }
     }
@@ -511,6 +541,7 @@ fn emit_row(out: &mut BytesMut, head: &Head, visible: usize, hidden: usize) {
 
 fn forward_error(sink: &mut Sink<'_>, frame: Frame) -> Result<()> {
     sink.out.extend_from_slice(frame.as_bytes());
+    sink.errored = true;
     Ok(())
 }
 
@@ -619,9 +650,7 @@ pub async fn broadcast(
                 backend::COMMAND_COMPLETE => last = Some(frame),
                 backend::ERROR_RESPONSE => error = error.or(Some(frame)),
                 backend::READY_FOR_QUERY => {
-                    if TransactionStatus::decode(frame.body())? != TransactionStatus::Idle {
-                        conn.conn.broken = true;
-                    }
+                    conn.ready(frame.body())?;
                     break;
                 }
                 _ => {}
@@ -640,24 +669,20 @@ pub async fn broadcast(
 /// Reads one statement's replies up to ReadyForQuery: the first error, and
 /// the rows counted by CommandComplete tags (`INSERT 0 n`, `COPY n`, ...).
 async fn read_outcome(conn: &mut ShardConn, max: u32) -> Result<(Option<Frame>, u64)> {
-    let server = &mut *conn.conn;
     let mut error = None;
     let mut rows = 0;
     loop {
-        let frame = match read_frame(&mut server.stream, &mut server.buf, max).await {
-            Ok(frame) => frame,
-            Err(e) => {
-                server.broken = true;
-                return Err(e);
-            }
-        };
+        let frame = read(conn, max).await?;
         match frame.tag() {
             backend::COMMAND_COMPLETE => {
                 let tag = backend::command_tag(frame.body())?;
                 rows += tag_rows(tag);
             }
             backend::ERROR_RESPONSE => error = error.or(Some(frame)),
-            backend::READY_FOR_QUERY => return Ok((error, rows)),
+            backend::READY_FOR_QUERY => {
+                conn.ready(frame.body())?;
+                return Ok((error, rows));
+            }
             _ => {}
         }
     }
@@ -785,7 +810,7 @@ pub async fn start_copy_in(
             }
             backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS => {}
             other => {
-                conn.conn.broken = true;
+                conn.fail();
                 return Err(Error::ServerProtocol(format!(
                     "unexpected message 0x{other:02x} from shard {} starting a COPY",
                     conn.shard

@@ -98,6 +98,8 @@ pub struct Session {
     aborted_locally: bool,
     /// `SET shardline.shard = N`: run everything on this shard.
     forced_shard: Option<ShardId>,
+    /// The unnamed portal is a BEGIN/COMMIT/ROLLBACK answered locally, with this tag.
+    local_portal: Option<&'static str>,
     /// An extended-protocol statement that runs on several shards, collected
     /// until its Sync.
     multi_batch: Option<routing::MultiBatch>,
@@ -157,6 +159,7 @@ impl Session {
             deferred_begin: None,
             aborted_locally: false,
             forced_shard: None,
+            local_portal: None,
             multi_batch: None,
             mode,
             server: None,
@@ -538,7 +541,11 @@ impl Session {
             frontend::BIND => self.on_bind(&frame)?,
             frontend::DESCRIBE => {
                 let target = Target::decode(frame.body())?;
-                if target.kind == frontend::TARGET_PORTAL || target.name.is_empty() {
+                // A deferred unnamed statement can be sent again, so describing
+                // it does not pin the batch to this connection.
+                if target.kind == frontend::TARGET_PORTAL
+                    || (target.name.is_empty() && self.unnamed.is_none())
+                {
                     self.pending.note_open();
                 }
                 if target.kind == frontend::TARGET_STATEMENT && target.name.is_empty() {
@@ -831,8 +838,11 @@ impl Session {
                 )));
             }
             if d.forward {
-                if tag == backend::READY_FOR_QUERY && self.deferred_begin.is_some() {
-                    // The client began a transaction no server has seen yet.
+                if tag == backend::READY_FOR_QUERY
+                    && (self.deferred_begin.is_some() || self.aborted_locally)
+                {
+                    // The client began a transaction no server has seen yet,
+                    // or one the proxy aborted: its status is the proxy's.
                     backend::encode_ready_for_query(&mut self.cout, self.txn_status);
                 } else {
                     self.cout.extend_from_slice(&conn.buf[..frame_len]);
@@ -897,8 +907,8 @@ impl Session {
 
     /// ReadyForQuery: an implicit transaction ends here, committed unless it failed.
     fn on_ready(&mut self, status: TransactionStatus) {
-        if self.deferred_begin.is_some() {
-            return; // the client's transaction has not started on a server yet
+        if self.deferred_begin.is_some() || self.aborted_locally {
+            return; // the client's transaction status is the proxy's, not the server's
         }
         self.txn_status = status;
         if status == TransactionStatus::Idle && !self.txn_effects.is_empty() {

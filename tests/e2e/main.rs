@@ -9,6 +9,7 @@ mod pooling;
 mod protocol;
 mod robustness;
 mod routing;
+mod routing_protocol;
 mod sharded_env;
 mod sharding;
 mod tools;

@@ -98,6 +98,10 @@ pool_mode = "{pool_mode}"
 name = "app"
 password = "{APP_PASSWORD}"
 
+[[users]]
+name = "trusted"
+auth = "trust"
+
 [[databases]]
 name = "db"
 port = {home_port}

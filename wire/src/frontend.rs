@@ -164,6 +164,11 @@ pub fn encode_sync(out: &mut BytesMut) {
     put_header(out, SYNC, 0);
 }
 
+/// Flush (F).
+pub fn encode_flush(out: &mut BytesMut) {
+    put_header(out, FLUSH, 0);
+}
+
 /// Terminate (F).
 pub fn encode_terminate(out: &mut BytesMut) {
     put_header(out, TERMINATE, 0);

@@ -30,14 +30,14 @@ enum End {
 }
 
 impl Session {
-    /// Runs a COPY FROM STDIN on every shard; replies (CommandComplete or
-    /// the error, then ReadyForQuery) are left in `cout`.
+    /// Runs a COPY FROM STDIN on every shard; the reply (CommandComplete or
+    /// the error) is left in `cout`. `true` if it is an error.
     pub(super) async fn copy_in_split(
         &mut self,
         sql: &str,
         analysis: &Analysis,
         map: &ShardMap,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let layout = copy_layout(sql, analysis, map).map_err(Error::Refused)?;
         let (layout, owners) = layout;
         let shards: Vec<ShardId> = map.shards.keys().copied().collect();
@@ -67,7 +67,7 @@ impl Session {
             )
             .await?;
             self.cout.extend_from_slice(error.as_bytes());
-            return Ok(());
+            return Ok(true);
         }
         let response = response.expect("at least one shard");
         self.cout.extend_from_slice(response.as_bytes());
@@ -143,13 +143,16 @@ impl Session {
             }
         };
         match outcome {
-            Ok(rows) => wire::rows::encode_command_complete(
-                &mut self.cout,
-                format!("COPY {rows}").as_bytes(),
-            ),
-            Err(error) => self.cout.extend_from_slice(error.as_bytes()),
+            Ok(rows) => {
+                let tag = format!("COPY {rows}");
+                wire::rows::encode_command_complete(&mut self.cout, tag.as_bytes());
+                Ok(false)
+            }
+            Err(error) => {
+                self.cout.extend_from_slice(error.as_bytes());
+                Ok(true)
+            }
         }
-        Ok(())
     }
 
     /// Reads and drops the client's CopyData up to its CopyDone or CopyFail.
@@ -198,7 +201,7 @@ impl Session {
                 }
                 conn.params = self.params.clone();
             }
-            conns.push(ShardConn { shard, conn });
+            conns.push(ShardConn::new(shard, conn));
         }
         Ok(conns)
     }

@@ -103,6 +103,9 @@ fn txn_word(sql: &str) -> TxnWord {
 /// `Some(Some(n))`, `Some(None)`, or `None` when the text is something else.
 fn shard_setting(sql: &str) -> Option<Result<Option<ShardId>, String>> {
     let s = sql.trim().trim_end_matches(';').trim_end();
+    if s.len() > 64 {
+        return None; // every form of the setting is shorter; spare long texts the copy
+    }
     let lower = s.to_ascii_lowercase();
     if lower == "reset shardline.shard" {
         return Some(Ok(None));
@@ -152,6 +155,9 @@ impl Session {
     /// the usual path.
     pub(super) async fn route_frame(&mut self, frame: &Frame, map: &Arc<ShardMap>) -> Result<bool> {
         if self.aborted_locally && self.on_aborted_frame(frame).await? {
+            return Ok(true);
+        }
+        if self.local_portal.is_some() && self.on_local_portal(frame)? {
             return Ok(true);
         }
         match frame.tag() {
@@ -216,7 +222,8 @@ impl Session {
             },
             &mut self.cout,
         );
-        self.pending.note_open();
+        // Not "open": the proxy can send it again, so the batch may still be
+        // synced early and the connection freed.
         self.unnamed_sent_on = Some(self.attach_count);
     }
 
@@ -225,12 +232,24 @@ impl Session {
     pub(super) async fn attach(&mut self, shard: ShardId, map: &ShardMap) -> Result<()> {
         if self.server.is_some() && self.server_shard != Some(shard) {
             let current = self.server_shard.unwrap_or(ShardMap::HOME);
+            if self.mode == crate::config::PoolMode::Session {
+                return Err(Error::Refused(format!(
+                    "in session pooling mode a client keeps one server connection, on shard \
+                     {current}; this statement needs shard {shard} (use transaction pooling for \
+                     sharded tables)"
+                )));
+            }
             if self.server_in_transaction() {
                 return Err(Error::Refused(format!(
                     "this transaction runs on shard {current} and this statement needs shard {shard}: \
                      a transaction stays on the shard of its first statement (transactions across \
                      shards need two-phase commit, which Shardline does not support yet)"
                 )));
+            }
+            if !self.pending.is_empty() {
+                // Whether the batch so far may be ended here depends on
+                // what it did, which its replies tell.
+                self.settle().await?;
             }
             if !self.pending.is_idle() {
                 if !self.pending.can_sync_early() {
@@ -282,8 +301,13 @@ impl Session {
         Ok(pool)
     }
 
-    /// Runs the attached server until every reply owed is in `cout`.
+    /// Runs the attached server until every reply owed is in `cout`. A
+    /// Flush goes first: inside a batch the server holds its replies back
+    /// until Sync or Flush.
     pub(super) async fn settle(&mut self) -> Result<()> {
+        if !self.pending.is_empty() && self.server.is_some() {
+            frontend::encode_flush(&mut self.sout);
+        }
         loop {
             self.process_server()?;
             if self.pending.is_empty() && self.sout.is_empty() {
@@ -318,6 +342,31 @@ impl Session {
         }
     }
 
+    /// Reports `e` for the message with `tag` once the replies owed before
+    /// it are out. If the server holds an unsynced batch, PostgreSQL would
+    /// roll that batch back on this error: dropping the connection does.
+    pub(super) async fn fail(&mut self, e: Error, tag: u8) -> Result<()> {
+        if e.is_fatal() {
+            return Err(e);
+        }
+        if self.server.is_some() && !self.pending.is_empty() {
+            self.settle().await?;
+        }
+        if self.server.is_some() && !self.pending.is_idle() {
+            if let Some(mut conn) = self.server.take() {
+                conn.broken = true;
+            }
+            self.pending.clear();
+            self.server_shard = None;
+            *self.cancel_target.lock().expect("lock poisoned") = None;
+            if self.txn_status != TransactionStatus::Idle {
+                self.aborted_locally = true;
+                self.txn_status = TransactionStatus::Failed;
+            }
+        }
+        self.report(e, tag)
+    }
+
     /// The route of `sql` with `params`, as a decision.
     fn decide(&self, sql: &str, map: &ShardMap, params: router::Params<'_>) -> Decision {
         let analysis = self.shared.analyses.get_or_analyse(sql, map);
@@ -327,8 +376,11 @@ impl Session {
             Ok(Some(hint)) => route = router::hint::apply_hint(route, &hint, &analysis, map),
             Ok(None) => {}
         }
-        if let (Some(shard), false) = (self.forced_shard, matches!(route, Route::Refused(_))) {
-            route = Route::Shard(shard);
+        if let Some(shard) = self.forced_shard {
+            // Like a hint: it decides what the keys leave open, and a key
+            // that says otherwise is refused rather than overruled.
+            route =
+                router::hint::apply_hint(route, &router::hint::Hint::Shard(shard), &analysis, map);
         }
         let shards: Vec<ShardId> = match route {
             Route::Refused(why) => return Decision::Refuse(why),
@@ -338,7 +390,8 @@ impl Session {
                 // touches no table at all (COMMIT, SELECT now(), SET LOCAL)
                 // runs where the transaction is.
                 if let Some(current) = self.server_shard {
-                    let tableless = router::referenced_tables(sql).is_some_and(|t| t.is_empty());
+                    let tableless = analysis.kind == StatementKind::Transaction
+                        || router::referenced_tables(sql).is_some_and(|t| t.is_empty());
                     if current != ShardMap::HOME && tableless {
                         return Decision::Run(current);
                     }
@@ -438,12 +491,12 @@ impl Session {
                     backend::encode_ready_for_query(&mut self.cout, self.txn_status);
                     Ok(())
                 }
-                Err(why) => self.report(Error::Refused(why), frontend::QUERY),
+                Err(why) => self.fail(Error::Refused(why), frontend::QUERY).await,
             };
         }
         if !self.server_in_transaction() {
             match (txn_word(sql), self.txn_status, &self.deferred_begin) {
-                (TxnWord::Begin, TransactionStatus::Idle, _) => {
+                (TxnWord::Begin, TransactionStatus::Idle, _) if router::parses(sql) => {
                     self.deferred_begin = Some(frame.clone().into_bytes());
                     self.txn_status = TransactionStatus::InTransaction;
                     rows::encode_command_complete(&mut self.cout, b"BEGIN");
@@ -468,14 +521,14 @@ impl Session {
         }
         let (shards, job) = match self.decide(sql, map, router::Params::default()) {
             Decision::Run(shard) => return self.run_query_on(shard, frame, map).await,
-            Decision::Refuse(why) => return self.report(Error::Refused(why), frontend::QUERY),
+            Decision::Refuse(why) => return self.fail(Error::Refused(why), frontend::QUERY).await,
             multi => match multi_job(multi, sql, map) {
                 Ok(job) => job,
-                Err(e) => return self.report(e, frontend::QUERY),
+                Err(e) => return self.fail(e, frontend::QUERY).await,
             },
         };
         if let Err(e) = self.check_multi_allowed() {
-            return self.report(e, frontend::QUERY);
+            return self.fail(e, frontend::QUERY).await;
         }
         let result = match &job {
             MultiJob::CopyIn(analysis) => self.copy_in_split(sql, analysis, map).await,
@@ -494,7 +547,7 @@ impl Session {
 
     async fn run_query_on(&mut self, shard: ShardId, frame: &Frame, map: &ShardMap) -> Result<()> {
         if let Err(e) = self.attach(shard, map).await {
-            return self.report(e, frontend::QUERY);
+            return self.fail(e, frontend::QUERY).await;
         }
         self.start_deferred_transaction();
         let effects = self.effects_of(frontend::query_text(frame.body())?);
@@ -527,9 +580,9 @@ impl Session {
         Ok(())
     }
 
-    fn after_multi(&mut self, result: Result<()>, tag: u8) -> Result<()> {
+    fn after_multi(&mut self, result: Result<bool>, tag: u8) -> Result<()> {
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 if tag == frontend::QUERY || tag == frontend::SYNC {
                     backend::encode_ready_for_query(&mut self.cout, self.txn_status);
                 }
@@ -539,14 +592,15 @@ impl Session {
         }
     }
 
-    /// Checks out one connection per shard and runs `job` on them.
+    /// Checks out one connection per shard and runs `job` on them; `true`
+    /// if the client was sent an error.
     async fn run_multi(
         &mut self,
         shards: &[ShardId],
         job: &MultiJob,
         req: &Request<'_>,
         map: &ShardMap,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let max = self.shared.config.proxy.message_bytes_max;
         let mut conns = self.checkout_all(shards, map).await?;
         let flush_bytes = self.shared.config.proxy.buffer_bytes_max as usize;
@@ -554,18 +608,22 @@ impl Session {
             client: &mut self.client,
             out: &mut self.cout,
             flush_bytes,
+            errored: false,
         };
         match job {
-            MultiJob::Scatter(plan) => scatter::gather(&mut conns, plan, req, &mut sink, max).await,
+            MultiJob::Scatter(plan) => {
+                scatter::gather(&mut conns, plan, req, &mut sink, max).await?
+            }
             MultiJob::Broadcast(statements) => {
                 let texts: Vec<String> = statements.iter().map(|(_, t)| t.clone()).collect();
-                scatter::broadcast(&mut conns, &texts, &mut sink, max).await
+                scatter::broadcast(&mut conns, &texts, &mut sink, max).await?
             }
             MultiJob::Insert(pieces) => {
-                scatter::insert_split(&mut conns, pieces, req, &mut sink, max).await
+                scatter::insert_split(&mut conns, pieces, req, &mut sink, max).await?
             }
-            MultiJob::CopyIn(_) => Err(Error::Refused("COPY runs on its own path".into())),
+            MultiJob::CopyIn(_) => return Err(Error::Refused("COPY runs on its own path".into())),
         }
+        Ok(sink.errored)
     }
 
     async fn on_bind_routed(&mut self, frame: &Frame, map: &Arc<ShardMap>) -> Result<()> {
@@ -579,17 +637,17 @@ impl Session {
             // Unknown to us: the server reports it, wherever it runs.
             let shard = self.server_shard.unwrap_or(ShardMap::HOME);
             if let Err(e) = self.attach(shard, map).await {
-                return self.report(e, frontend::BIND);
+                return self.fail(e, frontend::BIND).await;
             }
             return self.on_bind(frame);
         };
         let definition = statement.definition.clone();
-        if !self.pending.is_empty() && self.server.is_some() {
-            self.settle().await?;
-        }
         let Ok(sql) = std::str::from_utf8(definition_sql(&definition)) else {
             return self.bind_on(ShardMap::HOME, frame, &bind, map).await;
         };
+        if bind.portal.is_empty() && self.bind_locally(sql) {
+            return Ok(());
+        }
         let params = BindParams::decode(bind.rest)?;
         let route_params = router::Params {
             values: &params.values,
@@ -597,18 +655,18 @@ impl Session {
         };
         let (shards, job) = match self.decide(sql, map, route_params) {
             Decision::Run(shard) => return self.bind_on(shard, frame, &bind, map).await,
-            Decision::Refuse(why) => return self.report(Error::Refused(why), frontend::BIND),
+            Decision::Refuse(why) => return self.fail(Error::Refused(why), frontend::BIND).await,
             multi => match multi_job(multi, sql, map) {
                 Ok(job) => job,
-                Err(e) => return self.report(e, frontend::BIND),
+                Err(e) => return self.fail(e, frontend::BIND).await,
             },
         };
         if matches!(job, MultiJob::Broadcast(_)) && !params.values.is_empty() {
             let e = Error::Refused("DDL on a sharded table cannot take parameters".into());
-            return self.report(e, frontend::BIND);
+            return self.fail(e, frontend::BIND).await;
         }
         if let Err(e) = self.check_multi_allowed() {
-            return self.report(e, frontend::BIND);
+            return self.fail(e, frontend::BIND).await;
         }
         self.start_multi_batch(job, shards, definition, frame)
     }
@@ -621,13 +679,82 @@ impl Session {
         map: &ShardMap,
     ) -> Result<()> {
         if let Err(e) = self.attach(shard, map).await {
-            return self.report(e, frontend::BIND);
+            return self.fail(e, frontend::BIND).await;
         }
         self.start_deferred_transaction();
         if bind.statement.is_empty() {
             self.send_unnamed();
         }
         self.on_bind(frame)
+    }
+
+    /// BEGIN, and COMMIT/ROLLBACK of a transaction no server has seen yet,
+    /// bound through the extended protocol: answered here like their simple
+    /// Query forms, the portal's Describe and Execute too. `true`: answered.
+    fn bind_locally(&mut self, sql: &str) -> bool {
+        if self.server_in_transaction() {
+            return false;
+        }
+        let tag = match (txn_word(sql), self.txn_status, &self.deferred_begin) {
+            (TxnWord::Begin, TransactionStatus::Idle, _) if router::parses(sql) => {
+                let mut query = bytes::BytesMut::new();
+                frontend::encode_query(&mut query, sql.as_bytes());
+                self.deferred_begin = Some(query.freeze());
+                self.txn_status = TransactionStatus::InTransaction;
+                "BEGIN"
+            }
+            (word @ (TxnWord::Commit | TxnWord::Rollback), _, Some(_)) => {
+                self.deferred_begin = None;
+                self.txn_status = TransactionStatus::Idle;
+                if word == TxnWord::Commit {
+                    "COMMIT"
+                } else {
+                    "ROLLBACK"
+                }
+            }
+            _ => return false,
+        };
+        self.local_portal = Some(tag);
+        self.pending
+            .push(Entry::Local(LocalReply::BindComplete), &mut self.cout);
+        true
+    }
+
+    /// Describe, Execute and Close of a portal answered by [`Self::bind_locally`].
+    fn on_local_portal(&mut self, frame: &Frame) -> Result<bool> {
+        let Some(tag) = self.local_portal else {
+            return Ok(false);
+        };
+        let reply = match frame.tag() {
+            frontend::DESCRIBE => {
+                let target = Target::decode(frame.body())?;
+                if target.kind != frontend::TARGET_PORTAL || !target.name.is_empty() {
+                    return Ok(false);
+                }
+                LocalReply::NoData
+            }
+            frontend::EXECUTE => {
+                if frame.body().first() != Some(&0) {
+                    return Ok(false); // a named portal
+                }
+                LocalReply::Complete(tag)
+            }
+            frontend::CLOSE => {
+                let target = Target::decode(frame.body())?;
+                if target.kind != frontend::TARGET_PORTAL || !target.name.is_empty() {
+                    return Ok(false);
+                }
+                self.local_portal = None;
+                LocalReply::CloseComplete
+            }
+            frontend::SYNC | frontend::BIND | frontend::QUERY => {
+                self.local_portal = None;
+                return Ok(false);
+            }
+            _ => return Ok(false),
+        };
+        self.pending.push(Entry::Local(reply), &mut self.cout);
+        Ok(true)
     }
 
     fn start_multi_batch(
@@ -653,6 +780,7 @@ impl Session {
     /// consumed. `false`: the batch ran; the frame is for the usual path.
     pub(super) async fn on_multi_batch_frame(&mut self, frame: &Frame) -> Result<bool> {
         let batch = self.multi_batch.as_mut().expect("checked by the caller");
+        let reads = matches!(batch.job, MultiJob::Scatter(_));
         match frame.tag() {
             frontend::DESCRIBE => {
                 let target = Target::decode(frame.body())?;
@@ -668,23 +796,21 @@ impl Session {
                     .position(|&b| b == 0)
                     .and_then(|end| body.get(end + 1..end + 5))
                     .map_or(0, |b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-                if max_rows > 0 {
+                if max_rows > 0 && reads {
                     self.multi_batch = None;
-                    return self
-                        .report(
-                            Error::Refused(
-                                "fetching a statement that runs on several shards in pieces \
-                                 (Execute with a row limit) is not supported"
-                                    .into(),
-                            ),
-                            frontend::EXECUTE,
-                        )
-                        .map(|()| true);
+                    let e = Error::Refused(
+                        "fetching a statement that runs on several shards in pieces (Execute \
+                         with a row limit) is not supported"
+                            .into(),
+                    );
+                    return self.report(e, frontend::EXECUTE).map(|()| true);
                 }
                 batch.execute = true;
                 if matches!(batch.job, MultiJob::CopyIn(_)) {
                     // The client waits for CopyInResponse before its Sync.
-                    self.run_multi_batch().await?;
+                    if self.run_multi_batch().await? {
+                        self.skipping_to_sync = true;
+                    }
                 }
                 return Ok(true);
             }
@@ -695,18 +821,37 @@ impl Session {
                     return Ok(true);
                 }
             }
-            frontend::FLUSH => return Ok(true),
+            frontend::FLUSH => {
+                // A reader may wait for its rows on a Flush; writes wait for
+                // the Sync that would commit them.
+                if reads && batch.execute && self.run_multi_batch().await? {
+                    self.skipping_to_sync = true;
+                }
+                return Ok(true);
+            }
+            frontend::TERMINATE => {
+                // No Sync: PostgreSQL would roll the batch back.
+                self.multi_batch = None;
+                return Ok(false);
+            }
             _ => {}
         }
-        self.run_multi_batch().await?;
+        let errored = self.run_multi_batch().await?;
         if frame.tag() == frontend::SYNC {
+            self.skipping_to_sync = false;
             backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+            return Ok(true);
+        }
+        if errored {
+            // Like the server after an error: skip to the Sync.
+            self.skipping_to_sync = true;
             return Ok(true);
         }
         Ok(false)
     }
 
-    async fn run_multi_batch(&mut self) -> Result<()> {
+    /// Runs the collected batch; `true` if the client was sent an error.
+    async fn run_multi_batch(&mut self) -> Result<bool> {
         let batch = self.multi_batch.take().expect("checked by the caller");
         let map = match self.routing_map() {
             Some(map) => map,
@@ -727,32 +872,63 @@ impl Session {
                 let sql = String::from_utf8_lossy(definition_sql(&batch.definition)).into_owned();
                 self.copy_in_split(&sql, analysis, &map).await
             }
-            job => self.run_multi(&batch.shards, job, &req, &map).await,
+            MultiJob::Scatter(_) => self.run_multi(&batch.shards, &batch.job, &req, &map).await,
+            job => {
+                // Writes: no rows to describe, and nothing runs unless executed.
+                if batch.describe {
+                    rows::encode_empty(&mut self.cout, backend::NO_DATA);
+                }
+                if batch.execute {
+                    self.run_multi(&batch.shards, job, &req, &map).await
+                } else {
+                    Ok(false)
+                }
+            }
         };
         match result {
-            Ok(()) => {
+            Ok(false) => {
                 for _ in 0..batch.closes {
                     rows::encode_empty(&mut self.cout, backend::CLOSE_COMPLETE);
                 }
-                Ok(())
+                Ok(false)
             }
-            Err(e) => self.report(e, frontend::EXECUTE),
+            Ok(true) => Ok(true),
+            Err(e) => self.report(e, frontend::EXECUTE).map(|()| true),
         }
     }
 
     /// A frame in a transaction aborted by a refusal. `true`: handled.
+    /// Like PostgreSQL, only ending the transaction (or rolling back to a
+    /// savepoint) is accepted; Parse, Close, Flush and Sync go the usual way.
     async fn on_aborted_frame(&mut self, frame: &Frame) -> Result<bool> {
-        let sql = match frame.tag() {
-            frontend::QUERY => frontend::query_text(frame.body())?,
-            frontend::PARSE => Parse::decode(frame.body())?.query,
-            frontend::SYNC => return Ok(false),
-            _ => {
-                return self
-                    .report(Error::TransactionAborted, frame.tag())
-                    .map(|()| true)
+        // Owned: ending the transaction below needs `self` mutably.
+        let sql: Vec<u8> = match frame.tag() {
+            frontend::QUERY => frontend::query_text(frame.body())?.to_vec(),
+            frontend::BIND => {
+                let bind = Bind::decode(frame.body())?;
+                let statement = if bind.statement.is_empty() {
+                    self.unnamed.as_ref()
+                } else {
+                    self.statements.get(bind.statement)
+                };
+                match statement {
+                    Some(s) => definition_sql(&s.definition).to_vec(),
+                    None => Vec::new(),
+                }
             }
+            // PostgreSQL parses only transaction control in an aborted transaction.
+            frontend::PARSE => Parse::decode(frame.body())?.query.to_vec(),
+            frontend::DESCRIBE | frontend::EXECUTE | frontend::FUNCTION_CALL => {
+                let e = Error::TransactionAborted;
+                return self.fail(e, frame.tag()).await.map(|()| true);
+            }
+            _ => return Ok(false),
         };
-        let word = std::str::from_utf8(sql).map_or(TxnWord::Other, txn_word);
+        if self.server.is_some() && !self.pending.is_empty() {
+            // Replies still owed go out before anything this answers.
+            self.settle().await?;
+        }
+        let word = std::str::from_utf8(&sql).map_or(TxnWord::Other, txn_word);
         match (word, frame.tag()) {
             (TxnWord::Commit | TxnWord::Rollback, frontend::QUERY) => {
                 self.end_aborted();
@@ -760,27 +936,48 @@ impl Session {
                 backend::encode_ready_for_query(&mut self.cout, self.txn_status);
                 Ok(true)
             }
+            (TxnWord::Commit | TxnWord::Rollback, frontend::BIND) => {
+                // Bound COMMIT or ROLLBACK: end the transaction here, then run
+                // the client's portal as a ROLLBACK with nothing to roll back,
+                // so it gets the tag PostgreSQL gives a failed COMMIT. The
+                // client's statement itself stays as it was prepared.
+                self.end_aborted();
+                let Some(map) = self.routing_map() else {
+                    return Ok(false);
+                };
+                if let Err(e) = self.attach(ShardMap::HOME, &map).await {
+                    return self.fail(e, frontend::BIND).await.map(|()| true);
+                }
+                let bind = Bind::decode(frame.body())?;
+                frontend::encode_parse(&mut self.sout, b"", b"ROLLBACK\0\0\0");
+                self.pending.push(
+                    Entry::Injected {
+                        expect: Expect::ParseComplete,
+                        registers: None,
+                    },
+                    &mut self.cout,
+                );
+                self.unnamed_sent_on = None;
+                self.pending.note_open();
+                frontend::encode_bind(&mut self.sout, bind.portal, b"", bind.rest);
+                self.pending
+                    .push(Entry::forwarded(Expect::BindComplete), &mut self.cout);
+                self.bound_effects = None;
+                Ok(true)
+            }
+            (TxnWord::Commit | TxnWord::Rollback | TxnWord::RollbackTo, frontend::PARSE) => {
+                Ok(false)
+            }
             (TxnWord::RollbackTo, _) if self.server.is_some() => {
                 // The server's transaction never saw the refused statement.
                 self.aborted_locally = false;
                 self.txn_status = TransactionStatus::InTransaction;
                 Ok(false)
             }
-            (TxnWord::Commit | TxnWord::Rollback, _) => {
-                // Extended protocol: end it here and let the client's
-                // statement run as a ROLLBACK with nothing to roll back, so
-                // it sees the tag PostgreSQL gives a failed COMMIT.
-                self.end_aborted();
-                let parse = Parse::decode(frame.body())?;
-                let mut bytes = bytes::BytesMut::new();
-                frontend::encode_parse(&mut bytes, parse.name, b"ROLLBACK\0\0\0");
-                let rewritten = Frame::from_bytes(bytes.freeze())?;
-                Box::pin(self.on_client_frame(rewritten)).await?;
-                Ok(true)
+            _ => {
+                let e = Error::TransactionAborted;
+                self.fail(e, frame.tag()).await.map(|()| true)
             }
-            _ => self
-                .report(Error::TransactionAborted, frame.tag())
-                .map(|()| true),
         }
     }
 
