@@ -167,6 +167,16 @@ async fn env() -> ShardedEnv {
     env
 }
 
+/// Column v of row `id`, read on shard `shard` directly.
+async fn v_on(env: &ShardedEnv, shard: usize, id: i64) -> i32 {
+    env.direct(shard)
+        .await
+        .query_one("SELECT v FROM accounts WHERE id = $1", &[&id])
+        .await
+        .expect("row")
+        .get(0)
+}
+
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
@@ -288,16 +298,7 @@ async fn transactions_through_the_extended_protocol() {
     );
     c.parse("", "COMMIT").bind("", &[]).execute().sync();
     assert_eq!(c.until_ready().await, s(&["1", "2", "C:COMMIT", "Z:I"]));
-    let v: i32 = env
-        .direct(1)
-        .await
-        .query_one(
-            "SELECT v FROM accounts WHERE id = $1",
-            &[&one.parse::<i64>().unwrap()],
-        )
-        .await
-        .expect("row")
-        .get(0);
+    let v = v_on(&env, 1, one.parse::<i64>().unwrap()).await;
     assert_eq!(
         v,
         one.parse::<i32>().unwrap() + 100,
@@ -324,13 +325,7 @@ async fn transactions_through_the_extended_protocol() {
     c.bind("c1", &[]).execute().sync();
     assert_eq!(c.until_ready().await, s(&["2", "C:ROLLBACK", "Z:I"]));
     let zero_id: i64 = zero.parse().unwrap();
-    let v: i32 = env
-        .direct(0)
-        .await
-        .query_one("SELECT v FROM accounts WHERE id = $1", &[&zero_id])
-        .await
-        .expect("row")
-        .get(0);
+    let v = v_on(&env, 0, zero_id).await;
     assert_eq!(
         v, zero_id as i32,
         "the aborted transaction's update was rolled back"
@@ -341,13 +336,7 @@ async fn transactions_through_the_extended_protocol() {
     assert_eq!(c.until_ready().await, s(&["1", "2", "C:UPDATE 1", "Z:T"]));
     c.bind("c1", &[]).execute().sync();
     assert_eq!(c.until_ready().await, s(&["2", "C:COMMIT", "Z:I"]));
-    let v: i32 = env
-        .direct(0)
-        .await
-        .query_one("SELECT v FROM accounts WHERE id = $1", &[&zero_id])
-        .await
-        .expect("row")
-        .get(0);
+    let v = v_on(&env, 0, zero_id).await;
     assert_eq!(
         v,
         zero_id as i32 + 100,
@@ -363,13 +352,7 @@ async fn transactions_through_the_extended_protocol() {
     );
     c.parse("", upd).bind("", &[&one]).execute().sync();
     assert_eq!(c.until_ready().await, s(&["1", "E:0A000", "Z:I"]));
-    let v: i32 = env
-        .direct(0)
-        .await
-        .query_one("SELECT v FROM accounts WHERE id = $1", &[&zero_id])
-        .await
-        .expect("row")
-        .get(0);
+    let v = v_on(&env, 0, zero_id).await;
     assert_eq!(
         v,
         zero_id as i32 + 100,
