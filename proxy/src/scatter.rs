@@ -189,6 +189,7 @@ fn encode_request(buf: &mut BytesMut, sql: &str, req: &Request<'_>, result_forma
 pub async fn gather(
     conns: &mut [ShardConn],
     plan: &ScatterPlan,
+    table: &str,
     req: &Request<'_>,
     sink: &mut Sink<'_>,
     max: u32,
@@ -214,25 +215,64 @@ pub async fn gather(
             limit: None,
         },
     };
-    if matches!(plan.merge, Merge::Sorted { .. }) {
-        for conn in conns.iter_mut() {
-            learn_text_order(conn, max).await?;
-        }
+    let first = conns.first_mut().expect("at least one shard");
+    let facts = Facts::read(first, &plan.functions, table, max).await?;
+    if let Some(names) = &facts.unsplittable {
+        return Err(Error::Refused(format!(
+            "{names}: an aggregate, set-returning or volatile function is not supported in a \
+             query that runs on every shard"
+        )));
+    }
+    let final_merge = matches!(plan.merge, Merge::Final(_));
+    if final_merge && !facts.utf8 {
+        return Err(Error::Refused(
+            "aggregates, GROUP BY and DISTINCT across shards need client_encoding UTF8".into(),
+        ));
     }
     let mut request = BytesMut::new();
+    if final_merge {
+        // Partial values travel as text and are read back by PostgreSQL:
+        // output styles that lose precision or are ambiguous are avoided.
+        frontend::encode_query(&mut request, EXACT_TEXT.as_bytes());
+    }
     encode_request(&mut request, &plan.shard_sql, req, &formats);
     for conn in conns.iter_mut() {
         send(conn, &request).await?;
+        if final_merge {
+            if let (Some(error), _) = read_outcome(conn, max).await? {
+                return forward_error(sink, error);
+            }
+        }
     }
     let merged = match &plan.merge {
         Merge::Final(final_plan) => {
-            gather_final(conns, final_plan, req, client_formats, sink, max).await
+            gather_final(conns, final_plan, &facts, req, client_formats, sink, max).await
         }
         Merge::Concat { .. } => {
-            stream(conns, plan.hidden_columns, &[], bounds, req, sink, max).await
+            stream(
+                conns,
+                plan.hidden_columns,
+                &[],
+                &facts,
+                bounds,
+                req,
+                sink,
+                max,
+            )
+            .await
         }
         Merge::Sorted { keys, .. } => {
-            stream(conns, plan.hidden_columns, keys, bounds, req, sink, max).await
+            stream(
+                conns,
+                plan.hidden_columns,
+                keys,
+                &facts,
+                bounds,
+                req,
+                sink,
+                max,
+            )
+            .await
         }
     };
     // Every connection is read to its end, whatever happened above.
@@ -244,30 +284,113 @@ pub async fn gather(
             }
         }
     }
+    if final_merge && merged.is_ok() && drained.is_ok() {
+        // The partial phase ran in a transaction (for SET LOCAL); the first
+        // connection ended it before the final statement.
+        for conn in conns.iter_mut().skip(1) {
+            end_transaction(conn, max).await?;
+        }
+    }
     merged.and(drained)
 }
 
-/// The default collation of the connection's database, asked once per
-/// connection: text merges as bytes only under C or POSIX (libc provider).
-async fn learn_text_order(conn: &mut ShardConn, max: u32) -> Result<()> {
-    if conn.conn.text_order_bytewise.is_some() {
-        return Ok(());
+/// Settings for the partial rows of a final aggregation, local to a
+/// transaction: floats exact, dates and intervals in unambiguous styles.
+const EXACT_TEXT: &str = "BEGIN; SET LOCAL extra_float_digits = 3; \
+     SET LOCAL DateStyle = 'ISO, MDY'; SET LOCAL IntervalStyle = 'postgres'";
+
+async fn end_transaction(conn: &mut ShardConn, max: u32) -> Result<()> {
+    let mut request = BytesMut::new();
+    frontend::encode_query(&mut request, b"COMMIT");
+    send(conn, &request).await?;
+    read_outcome(conn, max).await.map(|_| ())
+}
+
+/// What the planner cannot know without the catalog, read from one shard
+/// before a scatter runs.
+struct Facts {
+    /// Functions the query calls that are aggregates, return sets or are volatile.
+    unsplittable: Option<String>,
+    /// Text of the table and the database default sorts as bytes (C, POSIX).
+    bytewise: bool,
+    /// client_encoding is UTF8.
+    utf8: bool,
+    /// extra_float_digits >= 1: float text is exact.
+    floats_exact: bool,
+}
+
+impl Facts {
+    async fn read(
+        conn: &mut ShardConn,
+        functions: &[String],
+        table: &str,
+        max: u32,
+    ) -> Result<Facts> {
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+        let names: Vec<String> = functions
+            .iter()
+            .map(|f| quote(f.rsplit('.').next().unwrap_or(f)))
+            .collect();
+        let sql = format!(
+            "WITH d AS (SELECT coalesce(to_jsonb(db) ->> 'datlocprovider', 'c') = 'c' \
+               AND db.datcollate IN ('C', 'POSIX', 'C.UTF-8', 'C.utf8') AS ok \
+               FROM pg_database db WHERE db.datname = current_database()) \
+             SELECT (SELECT string_agg(DISTINCT p.proname, ', ') FROM pg_proc p \
+               WHERE p.proname = ANY(ARRAY[{names}]::name[]) \
+               AND (p.prokind <> 'f' OR p.proretset OR p.provolatile = 'v')), \
+             (SELECT ok FROM d) AND coalesce((SELECT bool_and(c.collname IN ('C', 'POSIX', \
+               'ucs_basic') OR (c.collname = 'default' AND (SELECT ok FROM d))) \
+               FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation \
+               WHERE a.attrelid = to_regclass({table}) AND a.attnum > 0 \
+               AND NOT a.attisdropped), true), \
+             current_setting('client_encoding') = 'UTF8', \
+             current_setting('extra_float_digits')::int >= 1",
+            names = names.join(", "),
+            table = quote(table),
+        );
+        let mut request = BytesMut::new();
+        frontend::encode_query(&mut request, sql.as_bytes());
+        send(conn, &request).await?;
+        let mut row = None;
+        let mut error = None;
+        loop {
+            let frame = read(conn, max).await?;
+            match frame.tag() {
+                backend::DATA_ROW => {
+                    let values = rows::data_row(frame.body())?;
+                    let text = |i: usize| values.get(i).copied().flatten().map(<[u8]>::to_vec);
+                    row = Some((text(0), text(1), text(2), text(3)));
+                }
+                backend::ERROR_RESPONSE => {
+                    let fields = backend::ErrorFields::decode(frame.body())?;
+                    error = Some(String::from_utf8_lossy(fields.message).into_owned());
+                }
+                backend::READY_FOR_QUERY => {
+                    conn.ready(frame.body())?;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let yes = |v: &Option<Vec<u8>>| v.as_deref() == Some(b"t");
+        match (row, error) {
+            (Some((functions, bytewise, utf8, floats)), None) => Ok(Facts {
+                unsplittable: functions.map(|f| String::from_utf8_lossy(&f).into_owned()),
+                bytewise: yes(&bytewise),
+                utf8: yes(&utf8),
+                floats_exact: yes(&floats),
+            }),
+            (_, error) => Err(Error::ServerProtocol(format!(
+                "reading the catalog before a multi-shard query failed: {}",
+                error.unwrap_or_default()
+            ))),
+        }
     }
-    let collation = conn
-        .conn
-        .query_value(
-            "SELECT coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') || ':' || datcollate \
-             FROM pg_database d WHERE datname = current_database()",
-            max,
-        )
-        .await?
-        .unwrap_or_default();
-    let bytewise = matches!(
-        collation.as_str(),
-        "c:C" | "c:POSIX" | "c:C.UTF-8" | "c:C.utf8"
-    );
-    conn.conn.text_order_bytewise = Some(bytewise);
-    Ok(())
+}
+
+/// float4, float8.
+fn is_float(type_oid: u32) -> bool {
+    matches!(type_oid, 700 | 701)
 }
 
 /// Type OIDs whose order depends on the collation.
@@ -360,10 +483,12 @@ impl Head {
 }
 
 /// Concatenation (no keys) or k-way merge by `keys`, then OFFSET/LIMIT.
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     conns: &mut [ShardConn],
     hidden: usize,
     keys: &[SortKey],
+    facts: &Facts,
     bounds: Bounds,
     req: &Request<'_>,
     sink: &mut Sink<'_>,
@@ -400,15 +525,17 @@ async fn stream(
             let column = columns.get(index).ok_or_else(|| {
                 Error::ServerProtocol(format!("sort column {index} is not in the result"))
             })?;
-            if collatable(column.type_oid)
-                && conns
-                    .iter()
-                    .any(|c| c.conn.text_order_bytewise != Some(true))
-            {
+            let name = String::from_utf8_lossy(column.name);
+            if collatable(column.type_oid) && !facts.bytewise {
                 return Err(Error::Refused(format!(
-                    "ORDER BY on text column \"{}\" across shards needs the database's default \
-                     collation to be C or POSIX (Shardline merges the shards' rows by byte order)",
-                    String::from_utf8_lossy(column.name)
+                    "ORDER BY on text column \"{name}\" across shards needs the C or POSIX \
+                     collation (Shardline merges the shards' rows by byte order)"
+                )));
+            }
+            if is_float(column.type_oid) && column.format == 0 && !facts.floats_exact {
+                return Err(Error::Refused(format!(
+                    "ORDER BY on float column \"{name}\" across shards needs extra_float_digits \
+                     of at least 1 (rounded text would merge in the wrong order)"
                 )));
             }
             Ok((*k, index, column))
@@ -550,6 +677,7 @@ fn forward_error(sink: &mut Sink<'_>, frame: Frame) -> Result<()> {
 async fn gather_final(
     conns: &mut [ShardConn],
     plan: &router::scatter::FinalPlan,
+    facts: &Facts,
     req: &Request<'_>,
     client_formats: &[i16],
     sink: &mut Sink<'_>,
@@ -562,6 +690,15 @@ async fn gather_final(
             match next_event(conn, max).await? {
                 Event::Description(frame) => {
                     let columns = rows::row_description(frame.body())?;
+                    if !facts.bytewise {
+                        if let Some(c) = columns.iter().find(|c| collatable(c.type_oid)) {
+                            return Err(Error::Refused(format!(
+                                "grouping, DISTINCT, min or max of text (\"{}\") across shards \
+                                 needs the C or POSIX collation",
+                                String::from_utf8_lossy(c.name)
+                            )));
+                        }
+                    }
                     types.get_or_insert_with(|| columns.iter().map(|c| c.type_oid).collect());
                 }
                 Event::Row(frame) => {
@@ -572,10 +709,13 @@ async fn gather_final(
                              aggregate more coarsely"
                         )));
                     }
-                    let row = rows::data_row(frame.body())?
-                        .into_iter()
-                        .map(|v| v.map(|s| String::from_utf8_lossy(s).into_owned()))
-                        .collect();
+                    let mut row = Vec::new();
+                    for value in rows::data_row(frame.body())? {
+                        let text = value.map(|v| std::str::from_utf8(v).map(str::to_owned));
+                        row.push(text.transpose().map_err(|_| {
+                            Error::ServerProtocol("a partial value is not UTF-8".into())
+                        })?);
+                    }
                     partial.push(row);
                 }
                 Event::Complete(_) => break,
@@ -590,6 +730,8 @@ async fn gather_final(
     drop(partial);
     let first = conns.first_mut().expect("at least one shard");
     finish(first, max).await?;
+    // The final statement runs with the client's own output settings.
+    end_transaction(first, max).await?;
     let mut request = BytesMut::new();
     let final_req = Request {
         bind: req.bind.map(|_| &NO_PARAMS),
@@ -629,20 +771,35 @@ static NO_PARAMS: BindParams<'static> = BindParams {
     result_formats: Vec::new(),
 };
 
-/// Runs each shard's statements (one Query per shard, so PostgreSQL runs
-/// them as one implicit transaction there), shard after shard. The client
-/// gets the first error, or the last CommandComplete.
+/// Runs each shard's statements in a transaction on every shard, shard
+/// after shard, and commits them all only if every shard succeeded (a DROP
+/// that fails on one shard leaves the table on all). `CONCURRENTLY`, which
+/// PostgreSQL refuses inside a transaction, runs shard by shard instead. The
+/// client gets the first error, or the last CommandComplete.
 pub async fn broadcast(
     conns: &mut [ShardConn],
     statements: &[String],
     sink: &mut Sink<'_>,
     max: u32,
 ) -> Result<()> {
+    let atomic = !statements
+        .iter()
+        .any(|s| s.to_ascii_lowercase().contains("concurrently"));
     let mut last = None;
+    let mut failed = None;
     for (conn, sql) in conns.iter_mut().zip(statements) {
         let mut request = BytesMut::new();
+        if atomic {
+            frontend::encode_query(&mut request, b"BEGIN");
+        }
         frontend::encode_query(&mut request, sql.as_bytes());
         send(conn, &request).await?;
+        if atomic {
+            if let (Some(error), _) = read_outcome(conn, max).await? {
+                failed = Some(error);
+                break;
+            }
+        }
         let mut error = None;
         loop {
             let frame = read(conn, max).await?;
@@ -656,14 +813,23 @@ pub async fn broadcast(
                 _ => {}
             }
         }
-        if let Some(error) = error {
-            return forward_error(sink, error);
+        if error.is_some() {
+            failed = error;
+            break;
         }
     }
-    if let Some(frame) = last {
-        sink.out.extend_from_slice(frame.as_bytes());
+    if atomic {
+        let commit_error = end_all(conns, failed.is_none(), max).await?;
+        failed = failed.or(commit_error);
     }
-    Ok(())
+    match (failed, last) {
+        (Some(error), _) => forward_error(sink, error),
+        (None, Some(frame)) => {
+            sink.out.extend_from_slice(frame.as_bytes());
+            Ok(())
+        }
+        (None, None) => Ok(()),
+    }
 }
 
 /// Reads one statement's replies up to ReadyForQuery: the first error, and

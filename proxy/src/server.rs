@@ -60,10 +60,6 @@ pub struct ServerConn {
     pub prepared: PreparedSet,
     /// Set when the protocol state is unknown; the pool then drops the connection.
     pub broken: bool,
-    /// Whether the database's default collation orders text as bytes (C,
-    /// POSIX): only then can the proxy merge text sorted by several shards.
-    /// Learned on first need.
-    pub text_order_bytewise: Option<bool>,
 }
 
 impl ServerConn {
@@ -226,7 +222,6 @@ impl ServerConn {
             params: ParamState::new(),
             prepared: PreparedSet::new(prepared_max as usize),
             broken: false,
-            text_order_bytewise: None,
         })
     }
 

@@ -97,7 +97,8 @@ impl CopySplitter {
                 pieces.push(Piece::Shared(row.to_vec()));
                 continue;
             }
-            if self.layout.format == CopyFormat::Text && strip_eol(row) == b"\\." {
+            // `\.` alone on a line ends the data, in CSV as in text.
+            if strip_eol(row) == b"\\." {
                 self.ended = true;
                 pieces.push(Piece::Shared(row.to_vec()));
                 continue;
@@ -424,6 +425,10 @@ pub fn copy_options(sql: &str) -> Result<(CopyFormat, Option<u8>, bool), String>
         let Some(N::DefElem(d)) = option.node.as_ref() else {
             continue;
         };
+        let raw = match d.arg.as_ref().and_then(|a| a.node.as_ref()) {
+            Some(N::String(s)) => Some(s.sval.as_str()),
+            _ => None,
+        };
         let value = match d.arg.as_ref().and_then(|a| a.node.as_ref()) {
             Some(N::String(s)) => Some(s.sval.to_ascii_lowercase()),
             Some(N::Boolean(b)) => Some(b.boolval.to_string()),
@@ -433,7 +438,9 @@ pub fn copy_options(sql: &str) -> Result<(CopyFormat, Option<u8>, bool), String>
         match (d.defname.as_str(), value.as_deref()) {
             ("format", Some("text")) => format = CopyFormat::Text,
             ("format", Some("csv")) => format = CopyFormat::Csv,
-            ("delimiter", Some(v)) if v.len() == 1 => delimiter = Some(v.as_bytes()[0]),
+            ("delimiter", Some(_)) if raw.is_some_and(|r| r.len() == 1) => {
+                delimiter = raw.map(|r| r.as_bytes()[0]);
+            }
             ("header", None | Some("true" | "on" | "1")) => header = true,
             ("header", Some("false" | "off" | "0")) => header = false,
             ("freeze" | "encoding", _) => {}
@@ -466,6 +473,10 @@ mod option_tests {
         assert_eq!(
             copy_options("COPY t (a) FROM STDIN CSV HEADER").unwrap(),
             (CopyFormat::Csv, None, true)
+        );
+        assert_eq!(
+            copy_options("COPY t (a) FROM STDIN (DELIMITER 'X')").unwrap(),
+            (CopyFormat::Text, Some(b'X'), false)
         );
         assert!(copy_options("COPY t (a) FROM STDIN (FORMAT binary)").is_err());
         assert!(copy_options("COPY t (a) FROM STDIN (FORMAT csv, QUOTE '''')").is_err());

@@ -38,6 +38,11 @@ pub struct ScatterPlan {
     /// list lacks). Always 0 for [`Merge::Final`].
     pub hidden_columns: usize,
     pub merge: Merge,
+    /// The plain (non-aggregate) functions the query calls, lower case, as
+    /// written (maybe schema-qualified). The planner has no catalog: the
+    /// caller must refuse the plan if any of them is in fact an aggregate,
+    /// returns a set, or is volatile (each shard would compute its own).
+    pub functions: Vec<String>,
 }
 
 /// How the proxy combines the shards' rows.
@@ -256,13 +261,23 @@ pub fn plan(sql: &str) -> Result<ScatterPlan, Refusal> {
         || !select.group_clause.is_empty()
         || select.having_clause.is_some()
         || !select.distinct_clause.is_empty();
-    let plan = if grouped {
+    let mut plan = if grouped {
         plan_final(select)?
     } else {
         plan_rows(select)?
     };
+    plan.functions = scan.functions.into_iter().collect();
     Ok(plan)
 }
+
+/// Functions whose value depends on when each shard's transaction started.
+const TIME_DEPENDENT: &[&str] = &[
+    "now",
+    "transaction_timestamp",
+    "statement_timestamp",
+    "clock_timestamp",
+    "timeofday",
+];
 
 /// Refuses the statement-level shapes that cannot be scattered.
 fn check_shape(select: &SelectStmt) -> Result<(), Refusal> {
@@ -340,6 +355,7 @@ enum Clause {
 #[derive(Default)]
 struct Scan {
     aggregates: bool,
+    functions: std::collections::BTreeSet<String>,
 }
 
 impl Scan {
@@ -395,7 +411,54 @@ impl Scan {
                         "set-returning function {name} is not supported {EVERY_SHARD}"
                     ))
                 }
-                Call::Plain => {}
+                Call::Plain => {
+                    let name = func_name(call);
+                    if TIME_DEPENDENT.contains(&name.as_str()) {
+                        return refuse(format!(
+                            "{name}() is not supported {EVERY_SHARD}: each shard's transaction \
+                             has its own time"
+                        ));
+                    }
+                    self.functions.insert(name);
+                }
+            }
+        }
+        if let Some(N::SqlvalueFunction(f)) = &node.node {
+            use protobuf::SqlValueFunctionOp as Op;
+            let time = !matches!(
+                Op::try_from(f.op),
+                Ok(Op::SvfopCurrentRole
+                    | Op::SvfopCurrentUser
+                    | Op::SvfopUser
+                    | Op::SvfopSessionUser
+                    | Op::SvfopCurrentCatalog
+                    | Op::SvfopCurrentSchema)
+            );
+            if time {
+                return refuse(format!(
+                    "CURRENT_DATE, CURRENT_TIME(STAMP) and LOCALTIME(STAMP) are not supported \
+                     {EVERY_SHARD}: each shard's transaction has its own time"
+                ));
+            }
+        }
+        if let Some(N::CollateClause(c)) = &node.node {
+            let name: Vec<&str> = c
+                .collname
+                .iter()
+                .filter_map(|n| match &n.node {
+                    Some(N::String(s)) => Some(s.sval.as_str()),
+                    _ => None,
+                })
+                .collect();
+            if !matches!(
+                name.as_slice(),
+                ["C" | "POSIX"] | ["pg_catalog", "C" | "POSIX"]
+            ) {
+                return refuse(format!(
+                    "COLLATE \"{}\" is not supported {EVERY_SHARD} (the proxy merges text in \
+                     byte order: only COLLATE \"C\" or \"POSIX\")",
+                    name.join(".")
+                ));
             }
         }
         for child in children(node)? {
@@ -1005,6 +1068,7 @@ fn plan_rows(select: &SelectStmt) -> Result<ScatterPlan, Refusal> {
         shard_sql,
         hidden_columns,
         merge,
+        functions: Vec::new(),
     })
 }
 
@@ -1283,6 +1347,7 @@ fn plan_final(select: &SelectStmt) -> Result<ScatterPlan, Refusal> {
     Ok(ScatterPlan {
         shard_sql,
         hidden_columns: 0,
+        functions: Vec::new(),
         merge: Merge::Final(FinalPlan {
             template,
             aggregates,
@@ -1500,6 +1565,24 @@ fn type_name(oid: u32) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn functions_are_listed_and_time_and_collations_refused() {
+        let p = plan("SELECT lower(owner), coalesce(x, 1) FROM t WHERE abs(id) > 3").unwrap();
+        assert_eq!(p.functions, vec!["abs".to_owned(), "lower".to_owned()]);
+        let p = plan("SELECT mysum(id) FROM t").unwrap();
+        assert_eq!(p.functions, vec!["mysum".to_owned()]);
+        for sql in [
+            "SELECT id, now() FROM t",
+            "SELECT DISTINCT current_timestamp FROM t",
+            "SELECT id FROM t ORDER BY name COLLATE \"en-x-icu\"",
+            "SELECT max(name COLLATE \"de_DE\") FROM t",
+        ] {
+            assert!(plan(sql).is_err(), "{sql}");
+        }
+        assert!(plan("SELECT id FROM t ORDER BY name COLLATE \"C\"").is_ok());
+        assert!(plan("SELECT current_user, id FROM t").is_ok());
+    }
 
     fn shard_sql(sql: &str) -> String {
         plan(sql).expect(sql).shard_sql

@@ -280,3 +280,132 @@ async fn ddl_hints_and_copy_reach_the_right_shards() {
         assert!(!exists, "accounts still on shard {shard}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_catalog_knows_decides_what_is_refused() {
+    let env = env_with_accounts().await;
+    let db = env.client().await;
+    let (a, b) = ids_on_two_shards(&env);
+    db.execute(
+        "INSERT INTO accounts (id, v) VALUES ($1, 1), ($2, 2)",
+        &[&a, &b],
+    )
+    .await
+    .expect("rows on both shards");
+
+    // Functions the planner cannot judge are looked up: an aggregate made
+    // by the user is not mistaken for a per-row function.
+    for shard in 0..2 {
+        env.direct(shard)
+            .await
+            .batch_execute(
+                "CREATE AGGREGATE mysum(int8) (sfunc = int8pl, stype = int8, initcond = '0')",
+            )
+            .await
+            .expect("aggregate on every shard");
+    }
+    for sql in [
+        "SELECT mysum(id) FROM accounts",
+        "SELECT id, now() FROM accounts ORDER BY id",
+        "SELECT id, random() FROM accounts",
+    ] {
+        let err = db.simple_query(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err}");
+    }
+    let lower: i64 = db
+        .query_one("SELECT count(abs(id)) FROM accounts", &[])
+        .await
+        .expect("plain functions are fine")
+        .get(0);
+    assert_eq!(lower, 2);
+
+    // Text in a collation that does not sort as bytes is not merged.
+    env.declare("people", "id", KeyType::Int8, 8).await;
+    db.batch_execute("CREATE TABLE people (id int8 PRIMARY KEY, name text COLLATE \"en-x-icu\")")
+        .await
+        .expect("create");
+    db.execute(
+        "INSERT INTO people (id, name) VALUES ($1, 'b'), ($2, 'B')",
+        &[&a, &b],
+    )
+    .await
+    .expect("insert");
+    for sql in [
+        "SELECT name FROM people ORDER BY name",
+        "SELECT min(name) FROM people",
+        "SELECT DISTINCT name FROM people",
+    ] {
+        let err = db.simple_query(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err}");
+    }
+    let ids: Vec<i64> = db
+        .query("SELECT id FROM people ORDER BY id", &[])
+        .await
+        .expect("ordering by a number is fine")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, {
+        let mut v = vec![a, b];
+        v.sort();
+        v
+    });
+
+    // Rounded float text is not merged; aggregates read exact partials.
+    env.declare("floats", "id", KeyType::Int8, 8).await;
+    db.batch_execute("CREATE TABLE floats (id int8 PRIMARY KEY, f float8)")
+        .await
+        .expect("create");
+    db.execute(
+        "INSERT INTO floats (id, f) VALUES ($1, 1e15 + 0.375), ($2, -1e15)",
+        &[&a, &b],
+    )
+    .await
+    .expect("insert");
+    db.batch_execute("SET extra_float_digits = 0")
+        .await
+        .expect("set");
+    let sum = db
+        .simple_query("SELECT sum(f) FROM floats")
+        .await
+        .expect("sum");
+    let sum = sum
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row");
+    assert_eq!(sum, "0.375");
+    let err = db
+        .simple_query("SELECT id FROM floats ORDER BY f")
+        .await
+        .expect_err("rounded floats");
+    assert_eq!(sqlstate(&err), "0A000", "{err}");
+    db.batch_execute("RESET extra_float_digits")
+        .await
+        .expect("reset");
+
+    // DDL that fails on one shard changes no shard.
+    let owner_b = env.owner("accounts", &KeyValue::Int8(b));
+    env.direct(owner_b.0 as usize)
+        .await
+        .batch_execute("CREATE VIEW floats_view AS SELECT * FROM floats")
+        .await
+        .expect("a view on one shard");
+    let err = db
+        .batch_execute("DROP TABLE floats")
+        .await
+        .expect_err("the view depends on it");
+    assert_eq!(sqlstate(&err), "2BP01", "{err}");
+    for shard in 0..2 {
+        let exists: bool = env
+            .direct(shard)
+            .await
+            .query_one("SELECT to_regclass('floats') IS NOT NULL", &[])
+            .await
+            .expect("regclass")
+            .get(0);
+        assert!(exists, "floats was dropped on shard {shard}");
+    }
+}

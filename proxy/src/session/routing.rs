@@ -32,8 +32,8 @@ use crate::scatter::{self, Request, Sink};
 enum Decision {
     /// Run it on this shard's primary.
     Run(ShardId),
-    /// A SELECT on several shards, merged.
-    Scatter(Vec<ShardId>),
+    /// A SELECT of this sharded table on several shards, merged.
+    Scatter(Vec<ShardId>, String),
     /// DDL: these statements on these shards.
     Broadcast(Vec<(ShardId, String)>),
     /// A multi-row INSERT cut per shard.
@@ -45,7 +45,8 @@ enum Decision {
 
 /// Work on several shards for one extended-protocol statement.
 pub(super) enum MultiJob {
-    Scatter(ScatterPlan),
+    /// The plan, and the sharded table it reads.
+    Scatter(ScatterPlan, String),
     Broadcast(Vec<(ShardId, String)>),
     Insert(Vec<ShardInsert>),
     CopyIn(Arc<router::Analysis>),
@@ -404,7 +405,10 @@ impl Session {
         let tables = tables_of(&analysis);
         let writes = analysis.targets.iter().any(|t| t.writes);
         match analysis.kind {
-            StatementKind::Select if !writes => Decision::Scatter(shards),
+            StatementKind::Select if !writes => {
+                let table = analysis.targets.first().map(|t| t.table.clone());
+                Decision::Scatter(shards, table.unwrap_or_default())
+            }
             StatementKind::Ddl if shards.len() == map.shards.len() => {
                 self.ddl_statements(sql, &analysis, map, &shards)
             }
@@ -611,8 +615,8 @@ impl Session {
             errored: false,
         };
         match job {
-            MultiJob::Scatter(plan) => {
-                scatter::gather(&mut conns, plan, req, &mut sink, max).await?
+            MultiJob::Scatter(plan, table) => {
+                scatter::gather(&mut conns, plan, table, req, &mut sink, max).await?
             }
             MultiJob::Broadcast(statements) => {
                 let texts: Vec<String> = statements.iter().map(|(_, t)| t.clone()).collect();
@@ -780,7 +784,7 @@ impl Session {
     /// consumed. `false`: the batch ran; the frame is for the usual path.
     pub(super) async fn on_multi_batch_frame(&mut self, frame: &Frame) -> Result<bool> {
         let batch = self.multi_batch.as_mut().expect("checked by the caller");
-        let reads = matches!(batch.job, MultiJob::Scatter(_));
+        let reads = matches!(batch.job, MultiJob::Scatter(..));
         match frame.tag() {
             frontend::DESCRIBE => {
                 let target = Target::decode(frame.body())?;
@@ -872,7 +876,7 @@ impl Session {
                 let sql = String::from_utf8_lossy(definition_sql(&batch.definition)).into_owned();
                 self.copy_in_split(&sql, analysis, &map).await
             }
-            MultiJob::Scatter(_) => self.run_multi(&batch.shards, &batch.job, &req, &map).await,
+            MultiJob::Scatter(..) => self.run_multi(&batch.shards, &batch.job, &req, &map).await,
             job => {
                 // Writes: no rows to describe, and nothing runs unless executed.
                 if batch.describe {
@@ -1000,9 +1004,9 @@ impl Session {
 /// The shards and the job of a decision to run on several shards.
 fn multi_job(decision: Decision, sql: &str, map: &ShardMap) -> Result<(Vec<ShardId>, MultiJob)> {
     Ok(match decision {
-        Decision::Scatter(shards) => {
+        Decision::Scatter(shards, table) => {
             let plan = router::scatter::plan(sql).map_err(|r| Error::Refused(r.0))?;
-            (shards, MultiJob::Scatter(plan))
+            (shards, MultiJob::Scatter(plan, table))
         }
         Decision::Broadcast(statements) => {
             let shards = statements.iter().map(|(s, _)| *s).collect();
