@@ -248,31 +248,13 @@ pub async fn gather(
         Merge::Final(final_plan) => {
             gather_final(conns, final_plan, &facts, req, client_formats, sink, max).await
         }
-        Merge::Concat { .. } => {
-            stream(
-                conns,
-                plan.hidden_columns,
-                &[],
-                &facts,
-                bounds,
-                req,
-                sink,
-                max,
-            )
-            .await
-        }
-        Merge::Sorted { keys, .. } => {
-            stream(
-                conns,
-                plan.hidden_columns,
-                keys,
-                &facts,
-                bounds,
-                req,
-                sink,
-                max,
-            )
-            .await
+        Merge::Concat { .. } | Merge::Sorted { .. } => {
+            let keys = match &plan.merge {
+                Merge::Sorted { keys, .. } => &keys[..],
+                _ => &[],
+            };
+            let shape = (plan.hidden_columns, keys);
+            stream(conns, shape, &facts, bounds, req, sink, max).await
         }
     };
     // Every connection is read to its end, whatever happened above.
@@ -483,11 +465,10 @@ impl Head {
 }
 
 /// Concatenation (no keys) or k-way merge by `keys`, then OFFSET/LIMIT.
-#[allow(clippy::too_many_arguments)]
+/// `shape`: the hidden trailing columns and the sort keys (none: concatenate).
 async fn stream(
     conns: &mut [ShardConn],
-    hidden: usize,
-    keys: &[SortKey],
+    (hidden, keys): (usize, &[SortKey]),
     facts: &Facts,
     bounds: Bounds,
     req: &Request<'_>,
