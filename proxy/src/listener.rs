@@ -232,12 +232,18 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
 
     backend::encode_authentication_ok(&mut out);
     for (name, value) in server_params.iter() {
-        // The client sees its own startup values for parameters it set.
-        let value = startup
+        // The client sees its own startup values for parameters it set
+        // (they are replayed on every server connection it gets), under
+        // the name PostgreSQL gives an encoding.
+        let value = match startup
             .params
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name) && name != "client_encoding")
-            .map_or(value.as_str(), |(_, v)| v.as_str());
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        {
+            Some((_, v)) if name == "client_encoding" => params::canonical_encoding(v),
+            Some((_, v)) => v.clone(),
+            None => value.clone(),
+        };
         backend::encode_parameter_status(&mut out, name.as_bytes(), value.as_bytes());
     }
     let process_id = shared.next_process_id();

@@ -21,6 +21,13 @@ pub fn from_startup(params: &[(String, String)], defaults: &ServerParams) -> Par
     let mut state = ParamState::new();
     let mut set = |name: &str, value: &str| {
         let name = name.to_ascii_lowercase();
+        let canonical;
+        let value = if name == "client_encoding" {
+            canonical = canonical_encoding(value);
+            canonical.as_str()
+        } else {
+            value
+        };
         let same_as_server = defaults
             .iter()
             .any(|(n, v)| n.eq_ignore_ascii_case(&name) && v == value);
@@ -38,6 +45,106 @@ pub fn from_startup(params: &[(String, String)], defaults: &ServerParams) -> Par
         }
     }
     state
+}
+
+/// PostgreSQL's name for a client encoding, as it reports it in
+/// ParameterStatus (`utf-8` and `unicode` are `UTF8`, `iso-8859-1` is
+/// `LATIN1`); an unknown name comes back as given, for the server to reject.
+pub fn canonical_encoding(name: &str) -> String {
+    const CANONICAL: &[&str] = &[
+        "SQL_ASCII",
+        "EUC_JP",
+        "EUC_CN",
+        "EUC_KR",
+        "EUC_TW",
+        "EUC_JIS_2004",
+        "UTF8",
+        "MULE_INTERNAL",
+        "LATIN1",
+        "LATIN2",
+        "LATIN3",
+        "LATIN4",
+        "LATIN5",
+        "LATIN6",
+        "LATIN7",
+        "LATIN8",
+        "LATIN9",
+        "LATIN10",
+        "WIN1256",
+        "WIN1258",
+        "WIN866",
+        "WIN874",
+        "KOI8R",
+        "WIN1251",
+        "WIN1252",
+        "ISO_8859_5",
+        "ISO_8859_6",
+        "ISO_8859_7",
+        "ISO_8859_8",
+        "WIN1250",
+        "WIN1253",
+        "WIN1254",
+        "WIN1255",
+        "WIN1257",
+        "KOI8U",
+        "SJIS",
+        "BIG5",
+        "GBK",
+        "UHC",
+        "GB18030",
+        "JOHAB",
+        "SHIFT_JIS_2004",
+    ];
+    // Aliases from PostgreSQL's encnames.c, compared as it compares them:
+    // lower case, letters and digits only.
+    const ALIASES: &[(&str, &str)] = &[
+        ("unicode", "UTF8"),
+        ("iso88591", "LATIN1"),
+        ("iso88592", "LATIN2"),
+        ("iso88593", "LATIN3"),
+        ("iso88594", "LATIN4"),
+        ("iso88599", "LATIN5"),
+        ("iso885910", "LATIN6"),
+        ("iso885913", "LATIN7"),
+        ("iso885914", "LATIN8"),
+        ("iso885915", "LATIN9"),
+        ("iso885916", "LATIN10"),
+        ("win", "WIN1251"),
+        ("alt", "WIN866"),
+        ("koi8", "KOI8R"),
+        ("shiftjis", "SJIS"),
+        ("mskanji", "SJIS"),
+        ("abc", "WIN1258"),
+        ("tcvn", "WIN1258"),
+        ("tcvn5712", "WIN1258"),
+        ("vscii", "WIN1258"),
+        ("cp936", "GBK"),
+        ("cp949", "UHC"),
+        ("windows1250", "WIN1250"),
+        ("windows1251", "WIN1251"),
+        ("windows1252", "WIN1252"),
+        ("windows1253", "WIN1253"),
+        ("windows1254", "WIN1254"),
+        ("windows1255", "WIN1255"),
+        ("windows1256", "WIN1256"),
+        ("windows1257", "WIN1257"),
+        ("windows1258", "WIN1258"),
+        ("windows866", "WIN866"),
+        ("windows874", "WIN874"),
+    ];
+    let clean = |s: &str| -> String {
+        s.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let wanted = clean(name);
+    CANONICAL
+        .iter()
+        .find(|c| clean(c) == wanted)
+        .copied()
+        .or_else(|| ALIASES.iter().find(|(a, _)| *a == wanted).map(|(_, c)| *c))
+        .map_or_else(|| name.to_owned(), str::to_owned)
 }
 
 /// `-c name=value` and `--name=value` pairs of a startup `options` string
@@ -216,6 +323,17 @@ mod tests {
             &*state["application_name"],
             "SELECT pg_catalog.set_config(E'application_name', E'it''s', false)"
         );
+    }
+
+    #[test]
+    fn encodings_are_named_as_postgresql_names_them() {
+        assert_eq!(canonical_encoding("utf-8"), "UTF8");
+        assert_eq!(canonical_encoding("Unicode"), "UTF8");
+        assert_eq!(canonical_encoding("latin1"), "LATIN1");
+        assert_eq!(canonical_encoding("ISO-8859-1"), "LATIN1");
+        assert_eq!(canonical_encoding("euc_jp"), "EUC_JP");
+        assert_eq!(canonical_encoding("windows-1252"), "WIN1252");
+        assert_eq!(canonical_encoding("nonsense"), "nonsense");
     }
 
     #[test]

@@ -219,3 +219,58 @@ async fn rows_of_100_mb_stream_through() {
         .get(0);
     assert_eq!(len as usize, value.len());
 }
+
+/// A client that asks for another encoding is told so in PostgreSQL's name
+/// for it, and gets its text in that encoding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_encoding_is_reported_as_postgresql_names_it() {
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use wire::Frame;
+
+    let env = Env::start().await;
+    let mut stream = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [
+            ("user", "trusted"),
+            ("database", "db"),
+            ("client_encoding", "iso-8859-1"),
+        ],
+        &mut out,
+    )
+    .unwrap();
+    // 'é' in LATIN1 is the single byte 0xE9.
+    let sql: &[u8] = b"SELECT '\xE9'::text\0";
+    out.extend_from_slice(b"Q");
+    out.extend_from_slice(&(4 + sql.len() as i32).to_be_bytes());
+    out.extend_from_slice(sql);
+    stream.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let (mut reported, mut value, mut ready) = (None, None, 0);
+    while ready < 2 {
+        let frame = loop {
+            if let Some(frame) = Frame::decode(&mut buf, 1 << 20).unwrap() {
+                break frame;
+            }
+            assert!(stream.read_buf(&mut buf).await.unwrap() > 0, "closed");
+        };
+        match frame.tag() {
+            b'S' => {
+                let (name, v) = wire::backend::parameter_status(frame.body()).unwrap();
+                if name == b"client_encoding" {
+                    reported = Some(String::from_utf8_lossy(v).into_owned());
+                }
+            }
+            b'D' => value = wire::rows::data_row(frame.body()).unwrap()[0].map(<[u8]>::to_vec),
+            b'E' => panic!(
+                "error: {:?}",
+                wire::backend::ErrorFields::decode(frame.body())
+            ),
+            b'Z' => ready += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(reported.as_deref(), Some("LATIN1"));
+    assert_eq!(value, Some(vec![0xE9]));
+}
