@@ -68,6 +68,9 @@ pub struct CopySplitter {
     partial: Vec<u8>,
     header_pending: bool,
     ended: bool,
+    /// The first row ended in `\r\n`: PostgreSQL holds all rows to the
+    /// line ending of the first, so a last row is completed the same way.
+    crlf: Option<bool>,
 }
 
 impl CopySplitter {
@@ -78,6 +81,7 @@ impl CopySplitter {
             partial: Vec::new(),
             header_pending,
             ended: false,
+            crlf: None,
         }
     }
 
@@ -88,6 +92,9 @@ impl CopySplitter {
         let mut start = 0;
         while let Some(end) = row_end(&self.partial[start..], &self.layout).map(|e| start + e) {
             let row = &self.partial[start..end];
+            if self.crlf.is_none() {
+                self.crlf = Some(row.ends_with(b"\r\n"));
+            }
             start = end;
             if self.ended {
                 continue; // PostgreSQL ignores what follows `\.`
@@ -125,6 +132,9 @@ impl CopySplitter {
             return Ok(Vec::new());
         }
         let mut last = std::mem::take(&mut self.partial);
+        if self.crlf == Some(true) {
+            last.push(b'\r');
+        }
         last.push(b'\n');
         self.feed(&last)
     }
@@ -459,6 +469,19 @@ pub fn copy_options(sql: &str) -> Result<(CopyFormat, Option<u8>, bool), String>
 #[cfg(test)]
 mod option_tests {
     use super::*;
+
+    #[test]
+    fn a_last_row_without_a_line_end_gets_the_first_row_s() {
+        let layout = CopyLayout::new(CopyFormat::Csv, 0, KeyType::Int8, 4);
+        let mut splitter = CopySplitter::new(layout);
+        let rows = splitter.feed(b"1,a\r\n2,b").unwrap();
+        assert_eq!(rows.len(), 1);
+        let last = splitter.finish().unwrap();
+        match &last[..] {
+            [Piece::Row { bytes, .. }] => assert_eq!(bytes, b"2,b\r\n"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn copy_options_are_read_or_refused() {
