@@ -290,14 +290,7 @@ impl Session {
         }
         if self.pending.can_sync_early() && !self.server_in_transaction() {
             // Free the connection once our own Sync is answered (swallowed).
-            frontend::encode_sync(&mut self.sout);
-            self.pending.push(
-                Entry::Injected {
-                    expect: Expect::Ready,
-                    registers: None,
-                },
-                &mut self.cout,
-            );
+            self.sync_early();
             return;
         }
         if self.at_boundary() && self.sout.is_empty() {
@@ -368,13 +361,7 @@ impl Session {
     fn start_deferred_transaction(&mut self) {
         if let Some(begin) = self.deferred_begin.take() {
             self.sout.extend_from_slice(&begin);
-            self.pending.push(
-                Entry::Injected {
-                    expect: Expect::Ready,
-                    registers: None,
-                },
-                &mut self.cout,
-            );
+            self.push_injected(Expect::Ready);
             // A simple Query ends the unnamed statement on the server.
             self.unnamed_sent_on = None;
         }
@@ -398,6 +385,24 @@ impl Session {
             self.skipping_to_sync = true;
         }
         Ok(())
+    }
+
+    /// Queues the reply to a message the proxy sent itself (not forwarded).
+    fn push_injected(&mut self, expect: Expect) {
+        self.pending.push(
+            Entry::Injected {
+                expect,
+                registers: None,
+            },
+            &mut self.cout,
+        );
+    }
+
+    /// Sends a Sync of the proxy's own, ending a batch that only touched
+    /// named statements so the connection can be freed.
+    fn sync_early(&mut self) {
+        frontend::encode_sync(&mut self.sout);
+        self.push_injected(Expect::Ready);
     }
 
     fn conn(&mut self) -> &mut crate::server::ServerConn {
@@ -472,7 +477,13 @@ impl Session {
             }
             return Ok(());
         }
-        let map = self.routing_map();
+        // COPY data and Flush never choose a shard: spare them the map.
+        let map = match tag {
+            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL | frontend::FLUSH => {
+                None
+            }
+            _ => self.routing_map(),
+        };
         if let Some(map) = &map {
             if self.route_frame(&frame, map).await? {
                 return Ok(());
@@ -763,13 +774,7 @@ impl Session {
                 frontend::TARGET_STATEMENT,
                 &statement_name(evicted),
             );
-            self.pending.push(
-                Entry::Injected {
-                    expect: Expect::CloseComplete,
-                    registers: None,
-                },
-                &mut self.cout,
-            );
+            self.push_injected(Expect::CloseComplete);
         }
         Some(hash)
     }

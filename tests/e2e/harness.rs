@@ -23,6 +23,47 @@ pub struct Options {
     pub proxy_extra: String,
 }
 
+impl Options {
+    /// The `[proxy]` section of a test config: any port, these pool settings.
+    pub fn proxy_section(&self) -> String {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\npool_size = {}\npool_mode = \"{}\"\n{}\n",
+            self.pool_size, self.pool_mode, self.proxy_extra
+        )
+    }
+}
+
+/// Starts an in-process proxy with `config`; it runs until the sender is
+/// dropped or used.
+pub async fn start_proxy(config: &str) -> (SocketAddr, oneshot::Sender<()>) {
+    let config = proxy::Config::parse(config).expect("test config is valid");
+    let proxy = proxy::Proxy::bind(config).await.expect("bind");
+    let addr = proxy.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(proxy.run(async {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+/// A tokio-postgres client through the proxy at `addr`.
+pub async fn connect(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    let url = format!(
+        "postgres://{user}:{password}@127.0.0.1:{}/{db}",
+        addr.port()
+    );
+    let (client, connection) = tokio_postgres::connect(&url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -58,12 +99,7 @@ impl Env {
         let md5_stored = postgres_protocol::password::md5(b"md5-client-pass", "md5_client_stored");
         let config = format!(
             r#"
-[proxy]
-listen = "127.0.0.1:0"
-pool_size = {pool_size}
-pool_mode = "{pool_mode}"
-{extra}
-
+{proxy}
 [[users]]
 name = "app"
 password = "{APP_PASSWORD}"
@@ -114,18 +150,10 @@ dbname = "postgres"
 server_user = "scram_user"
 server_password = "scram-pass"
 "#,
-            pool_size = options.pool_size,
-            pool_mode = options.pool_mode,
-            extra = options.proxy_extra,
+            proxy = options.proxy_section(),
             port = pg.port(),
         );
-        let config = proxy::Config::parse(&config).expect("test config is valid");
-        let proxy = proxy::Proxy::bind(config).await.expect("bind");
-        let addr = proxy.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(proxy.run(async {
-            let _ = stopped.await;
-        }));
+        let (addr, stop) = start_proxy(&config).await;
         Env {
             pg,
             addr,
@@ -153,12 +181,7 @@ server_password = "scram-pass"
         password: &str,
         db: &str,
     ) -> Result<Client, tokio_postgres::Error> {
-        let (client, connection) =
-            tokio_postgres::connect(&self.url(user, password, db), NoTls).await?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+        connect(self.addr, user, password, db).await
     }
 
     /// A direct superuser connection to PostgreSQL, bypassing the proxy.

@@ -18,9 +18,9 @@ use router::hash::{partition_of, KeyValue};
 use router::{KeyType, ShardId, ShardMap};
 use testkit::Cluster;
 use tokio::sync::oneshot;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-use crate::harness::{eventually, Options, APP_PASSWORD};
+use crate::harness::{connect, eventually, start_proxy, Options, APP_PASSWORD};
 
 /// The proxy's id in the metadata group's registry.
 const PROXY_ID: &str = "sharded-env-proxy";
@@ -88,12 +88,7 @@ impl ShardedEnv {
 
         let config = format!(
             r#"
-[proxy]
-listen = "127.0.0.1:0"
-pool_size = {pool_size}
-pool_mode = "{pool_mode}"
-{extra}
-
+{proxy}
 [[users]]
 name = "app"
 password = "{APP_PASSWORD}"
@@ -113,19 +108,11 @@ server_password = "postgres"
 endpoints = ["{meta_addr}"]
 proxy_id = "{PROXY_ID}"
 "#,
-            pool_size = options.pool_size,
-            pool_mode = options.pool_mode,
-            extra = options.proxy_extra,
+            proxy = options.proxy_section(),
             home_port = pg[0].port(),
             meta_addr = node.addr(),
         );
-        let config = proxy::Config::parse(&config).expect("test config is valid");
-        let proxy = proxy::Proxy::bind(config).await.expect("bind");
-        let addr = proxy.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(proxy.run(async {
-            let _ = stopped.await;
-        }));
+        let (addr, stop) = start_proxy(&config).await;
 
         let env = ShardedEnv {
             pg,
@@ -144,17 +131,9 @@ proxy_id = "{PROXY_ID}"
 
     /// A tokio-postgres client through the proxy as `app` on `db`.
     pub async fn client(&self) -> Client {
-        let url = format!(
-            "postgres://app:{APP_PASSWORD}@127.0.0.1:{}/db",
-            self.addr.port()
-        );
-        let (client, connection) = tokio_postgres::connect(&url, NoTls)
+        connect(self.addr, "app", APP_PASSWORD, "db")
             .await
-            .expect("connect through the proxy");
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        client
+            .expect("connect through the proxy")
     }
 
     /// A superuser connection straight to shard `shard`'s PostgreSQL.

@@ -16,7 +16,7 @@ use wire::Frame;
 
 use super::Session;
 use crate::error::{Error, Result};
-use crate::scatter::{self, ShardConn};
+use crate::scatter;
 
 /// Per-shard output is written once it holds this much.
 const SHARD_BUFFER_BYTES: usize = 64 << 10;
@@ -181,29 +181,6 @@ impl Session {
                 return Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
             }
         }
-    }
-
-    /// One connection per shard, with the session's parameters applied.
-    pub(super) async fn checkout_all(
-        &mut self,
-        shards: &[ShardId],
-        map: &ShardMap,
-    ) -> Result<Vec<ShardConn>> {
-        let max = self.shared.config.proxy.message_bytes_max;
-        let mut conns = Vec::with_capacity(shards.len());
-        for &shard in shards {
-            let pool = self.pool_for(shard, map)?;
-            let mut conn = pool.checkout().await?;
-            let sql = crate::params::sync_sql(&self.params, &conn.params);
-            if !sql.is_empty() {
-                if let Some(message) = conn.run_discarding(&sql, max).await? {
-                    tracing::warn!(%message, "replaying session parameters failed");
-                }
-                conn.params = self.params.clone();
-            }
-            conns.push(ShardConn::new(shard, conn));
-        }
-        Ok(conns)
     }
 }
 

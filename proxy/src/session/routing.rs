@@ -9,7 +9,6 @@
 //! shards run through [`crate::scatter`] outside transactions, or are
 //! refused with SQLSTATE 0A000 and the reason.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,7 +25,7 @@ use super::{write_some, ClientStatement, Session};
 use crate::error::{Error, Result};
 use crate::pending::{Entry, Expect, LocalReply};
 use crate::pool::Pool;
-use crate::scatter::{self, Request, Sink};
+use crate::scatter::{self, Request, ShardConn, Sink};
 
 /// What to do with a statement.
 enum Decision {
@@ -216,13 +215,7 @@ impl Session {
             return;
         };
         frontend::encode_parse(&mut self.sout, b"", &statement.definition);
-        self.pending.push(
-            Entry::Injected {
-                expect: Expect::ParseComplete,
-                registers: None,
-            },
-            &mut self.cout,
-        );
+        self.push_injected(Expect::ParseComplete);
         // Not "open": the proxy can send it again, so the batch may still be
         // synced early and the connection freed.
         self.unnamed_sent_on = Some(self.attach_count);
@@ -259,14 +252,7 @@ impl Session {
                          needs shard {shard}: send a Sync between statements for different shards"
                     )));
                 }
-                frontend::encode_sync(&mut self.sout);
-                self.pending.push(
-                    Entry::Injected {
-                        expect: Expect::Ready,
-                        registers: None,
-                    },
-                    &mut self.cout,
-                );
+                self.sync_early();
                 self.settle().await?;
             }
             self.release_server();
@@ -412,7 +398,8 @@ impl Session {
             StatementKind::Ddl if shards.len() == map.shards.len() => {
                 self.ddl_statements(sql, &analysis, map, &shards)
             }
-            StatementKind::Update | StatementKind::Delete if matches!(route_kind(&shards, map), Spread::Every) => {
+            // The shards come from the map, so as many means every one.
+            StatementKind::Update | StatementKind::Delete if shards.len() == map.shards.len() => {
                 Decision::Refuse(format!(
                     "{} on sharded table {tables} without its shard key in WHERE would change rows on \
                      every shard, which needs two-phase commit (not supported yet): add a condition \
@@ -546,7 +533,7 @@ impl Session {
                 self.run_multi(&shards, job, &req, map).await
             }
         };
-        self.after_multi(result, frontend::QUERY)
+        self.after_multi(result)
     }
 
     async fn run_query_on(&mut self, shard: ShardId, frame: &Frame, map: &ShardMap) -> Result<()> {
@@ -584,16 +571,38 @@ impl Session {
         Ok(())
     }
 
-    fn after_multi(&mut self, result: Result<bool>, tag: u8) -> Result<()> {
+    /// A simple Query that ran on several shards: ReadyForQuery, or the error.
+    fn after_multi(&mut self, result: Result<bool>) -> Result<()> {
         match result {
             Ok(_) => {
-                if tag == frontend::QUERY || tag == frontend::SYNC {
-                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
-                }
+                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
                 Ok(())
             }
-            Err(e) => self.report(e, tag),
+            Err(e) => self.report(e, frontend::QUERY),
         }
+    }
+
+    /// One connection per shard, with the session's parameters applied.
+    pub(super) async fn checkout_all(
+        &mut self,
+        shards: &[ShardId],
+        map: &ShardMap,
+    ) -> Result<Vec<ShardConn>> {
+        let max = self.shared.config.proxy.message_bytes_max;
+        let mut conns = Vec::with_capacity(shards.len());
+        for &shard in shards {
+            let pool = self.pool_for(shard, map)?;
+            let mut conn = pool.checkout().await?;
+            let sql = crate::params::sync_sql(&self.params, &conn.params);
+            if !sql.is_empty() {
+                if let Some(message) = conn.run_discarding(&sql, max).await? {
+                    tracing::warn!(%message, "replaying session parameters failed");
+                }
+                conn.params = self.params.clone();
+            }
+            conns.push(ShardConn::new(shard, conn));
+        }
+        Ok(conns)
     }
 
     /// Checks out one connection per shard and runs `job` on them; `true`
@@ -954,13 +963,7 @@ impl Session {
                 }
                 let bind = Bind::decode(frame.body())?;
                 frontend::encode_parse(&mut self.sout, b"", b"ROLLBACK\0\0\0");
-                self.pending.push(
-                    Entry::Injected {
-                        expect: Expect::ParseComplete,
-                        registers: None,
-                    },
-                    &mut self.cout,
-                );
+                self.push_injected(Expect::ParseComplete);
                 self.unnamed_sent_on = None;
                 self.pending.note_open();
                 frontend::encode_bind(&mut self.sout, bind.portal, b"", bind.rest);
@@ -1024,21 +1027,6 @@ fn multi_job(decision: Decision, sql: &str, map: &ShardMap) -> Result<(Vec<Shard
             return Err(Error::Refused("not a statement for several shards".into()))
         }
     })
-}
-
-/// Whether a shard set is every shard of the map.
-enum Spread {
-    Every,
-    Some,
-}
-
-fn route_kind(shards: &[ShardId], map: &ShardMap) -> Spread {
-    let set: BTreeSet<&ShardId> = shards.iter().collect();
-    if map.shards.keys().all(|s| set.contains(s)) {
-        Spread::Every
-    } else {
-        Spread::Some
-    }
 }
 
 fn kind_name(kind: StatementKind) -> &'static str {
