@@ -228,7 +228,7 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
         .ok_or_else(|| Error::UnknownDatabase(database_name.clone()))?;
     let pool = shared.pool(database, &user);
     let server_params = pool.login_params().await?;
-    let startup_params = params::from_startup(&startup.params, &server_params);
+    let startup_params = pool.intern_params(params::from_startup(&startup.params, &server_params));
 
     backend::encode_authentication_ok(&mut out);
     for (name, value) in server_params.iter() {

@@ -6,6 +6,7 @@
 //! Startup parameters are replayed with `set_config`, which takes the value
 //! exactly as the startup packet does; SET statements are replayed verbatim.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use router::SessionEffect;
@@ -18,7 +19,7 @@ const NOT_PARAMS: &[&str] = &["user", "database", "replication", "options"];
 /// A client's startup parameters as statements, leaving out those equal to
 /// the server's login defaults (nothing to do for them).
 pub fn from_startup(params: &[(String, String)], defaults: &ServerParams) -> ParamState {
-    let mut state = ParamState::new();
+    let mut state = BTreeMap::new();
     let mut set = |name: &str, value: &str| {
         let name = name.to_ascii_lowercase();
         let canonical;
@@ -44,7 +45,7 @@ pub fn from_startup(params: &[(String, String)], defaults: &ServerParams) -> Par
             set(name, value);
         }
     }
-    state
+    Arc::new(state)
 }
 
 /// PostgreSQL's name for a client encoding, as it reports it in
@@ -214,10 +215,11 @@ fn identifier(s: &str) -> String {
 /// The SQL that brings a server's parameters to the client's; empty if equal.
 pub fn sync_sql(client: &ParamState, server: &ParamState) -> String {
     let mut sql = String::new();
-    if client.is_empty() && server.is_empty() {
-        return sql; // the common case, on every checkout
+    // The common case, on every checkout; `Arc`'s `==` compares pointers first.
+    if client == server {
+        return sql;
     }
-    for (name, statement) in client {
+    for (name, statement) in client.iter() {
         if server.get(name) != Some(statement) {
             sql.push_str(statement);
             sql.push_str(";\n");
@@ -241,15 +243,19 @@ pub fn sync_sql(client: &ParamState, server: &ParamState) -> String {
 pub fn executed(effect: &SessionEffect, server: &mut ParamState) -> bool {
     match effect {
         SessionEffect::Set { name, .. } | SessionEffect::Reset { name } => {
-            server.insert(name.clone(), unknown());
+            Arc::make_mut(server).insert(name.clone(), unknown());
             false
         }
         SessionEffect::ResetAll => {
-            server.values_mut().for_each(|v| *v = unknown());
+            Arc::make_mut(server)
+                .values_mut()
+                .for_each(|v| *v = unknown());
             false
         }
         SessionEffect::DiscardAll => {
-            server.values_mut().for_each(|v| *v = unknown());
+            Arc::make_mut(server)
+                .values_mut()
+                .for_each(|v| *v = unknown());
             true
         }
         SessionEffect::DeallocateAll => true,
@@ -272,18 +278,19 @@ pub fn committed(
     match effect {
         SessionEffect::Set { name, statement } => {
             let statement: Arc<str> = statement.as_str().into();
-            client.insert(name.clone(), statement.clone());
-            server.insert(name.clone(), statement);
+            Arc::make_mut(client).insert(name.clone(), statement.clone());
+            Arc::make_mut(server).insert(name.clone(), statement);
         }
         SessionEffect::Reset { name } => {
-            server.remove(name);
+            Arc::make_mut(server).remove(name);
+            let client = Arc::make_mut(client);
             match startup.get(name) {
                 Some(s) => client.insert(name.clone(), s.clone()),
                 None => client.remove(name),
             };
         }
         SessionEffect::ResetAll | SessionEffect::DiscardAll => {
-            server.clear();
+            *server = ParamState::default();
             *client = startup.clone();
         }
         SessionEffect::DeallocateAll | SessionEffect::Unchanged => {}
@@ -338,12 +345,11 @@ mod tests {
 
     #[test]
     fn sync_sets_what_differs_and_resets_what_is_extra() {
-        let mut client = ParamState::new();
-        let mut server = ParamState::new();
-        client.insert("a".into(), "SET a = 1".into());
-        server.insert("b".into(), "SET b = 2".into());
+        let client = ParamState::new(BTreeMap::from([("a".into(), "SET a = 1".into())]));
+        let server = ParamState::new(BTreeMap::from([("b".into(), "SET b = 2".into())]));
         assert_eq!(sync_sql(&client, &server), "SET a = 1;\nRESET \"b\";\n");
-        server = client.clone();
+        // Equal contents in another map are equal too, not only the same map.
+        let server = ParamState::new((*client).clone());
         assert_eq!(sync_sql(&client, &server), "");
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::PoolMode;
 use crate::error::{Error, Result};
-use crate::server::{ServerConn, ServerParams, ServerTarget};
+use crate::server::{ParamState, ServerConn, ServerParams, ServerTarget};
 
 pub type Pooled = bb8::PooledConnection<'static, ServerManager>;
 
@@ -76,6 +76,8 @@ pub struct Pool {
     pool: bb8::Pool<ServerManager>,
     login_params: Arc<Mutex<Option<ServerParams>>>,
     failures: watch::Receiver<(u64, String)>,
+    /// The session parameters the last client logged in with.
+    last_params: Mutex<ParamState>,
 }
 
 pub struct PoolSettings {
@@ -114,6 +116,7 @@ impl Pool {
             pool,
             login_params,
             failures,
+            last_params: Mutex::default(),
         }
     }
 
@@ -148,6 +151,17 @@ impl Pool {
         }
         let conn = self.checkout().await?;
         Ok(conn.login_params.clone())
+    }
+
+    /// `params`, or an equal map another client logged in with: clients of
+    /// one application usually log in alike, and sharing their map makes the
+    /// parameter comparison on every checkout a pointer comparison.
+    pub fn intern_params(&self, params: ParamState) -> ParamState {
+        let mut last = self.last_params.lock().expect("lock poisoned");
+        if *last != params {
+            *last = params;
+        }
+        last.clone()
     }
 
     pub fn state(&self) -> bb8::State {

@@ -6,7 +6,7 @@
 //! state (prepared statements, session parameters, protocol position) to hand
 //! the connection from one client to the next safely.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +46,13 @@ pub type ServerParams = Arc<Vec<(String, String)>>;
 
 /// Session parameters set on a connection beyond its login defaults:
 /// GUC name -> the statement that set it.
-pub type ParamState = HashMap<String, Arc<str>>;
+///
+/// Shared and copied on write: a connection synced to a client's parameters
+/// holds the client's own map, and clients that logged in with the same
+/// parameters share one (see [`crate::pool::Pool::intern_params`]), so the
+/// comparison on every checkout is usually a pointer comparison. Ordered, so
+/// that the rest are one linear walk with no hashing.
+pub type ParamState = Arc<BTreeMap<String, Arc<str>>>;
 
 pub struct ServerConn {
     pub stream: TcpStream,
@@ -219,7 +225,7 @@ impl ServerConn {
                 secret_key,
             },
             login_params: Arc::new(params),
-            params: ParamState::new(),
+            params: ParamState::default(),
             prepared: PreparedSet::new(prepared_max as usize),
             broken: false,
         })

@@ -275,7 +275,7 @@ impl Session {
         } else if self.mode == PoolMode::Session {
             let max = self.shared.config.proxy.message_bytes_max;
             let _ = conn.run_discarding("DISCARD ALL", max).await;
-            conn.params.clear();
+            conn.params = ParamState::default();
             conn.prepared.clear();
         }
         *self.cancel_target.lock().expect("lock poisoned") = None;
@@ -350,8 +350,9 @@ impl Session {
                         return Err(e);
                     }
                 }
-                conn.params = self.params.clone();
             }
+            // Shared from now on, so the next comparison is by pointer.
+            conn.params = self.params.clone();
         }
         Ok(())
     }

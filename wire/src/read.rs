@@ -29,11 +29,7 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string, without its terminator.
     pub(crate) fn cstr(&mut self) -> Result<&'a [u8]> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| self.malformed())?;
+        let end = memchr::memchr(0, self.buf).ok_or_else(|| self.malformed())?;
         let s = &self.buf[..end];
         self.buf = &self.buf[end + 1..];
         Ok(s)

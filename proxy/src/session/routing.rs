@@ -598,8 +598,8 @@ impl Session {
                 if let Some(message) = conn.run_discarding(&sql, max).await? {
                     tracing::warn!(%message, "replaying session parameters failed");
                 }
-                conn.params = self.params.clone();
             }
+            conn.params = self.params.clone();
             conns.push(ShardConn::new(shard, conn));
         }
         Ok(conns)
