@@ -5,8 +5,9 @@
 //! started as root: initdb refuses root) and a demo sharded table, `accounts`,
 //! with a few thousand rows; later runs reuse all of it. Shard 0 lives in
 //! `<dir>/pgdata` (where single-shard dev dirs kept it), shard `i` in
-//! `<dir>/pgdata-<i>`. The proxy config is written to `<dir>/shardline.toml` so
-//! it can be read and reused.
+//! `<dir>/pgdata-<i>`; replica `j` (from 1) of a shard is a streaming replica
+//! (`pg_basebackup` on first use) in `<shard's pgdata>-replica-<j>`. The proxy
+//! config is written to `<dir>/shardline.toml` so it can be read and reused.
 
 use std::path::{Path, PathBuf};
 
@@ -35,8 +36,8 @@ pub struct DevArgs {
     /// Number of shards, each its own local PostgreSQL.
     #[arg(long, default_value_t = 2)]
     shards: u32,
-    /// Streaming replicas per shard (not yet started: replica routing lands later).
-    #[arg(long, default_value_t = 0)]
+    /// Streaming replicas per shard, each its own local PostgreSQL.
+    #[arg(long, default_value_t = 1)]
     replicas: u32,
 }
 
@@ -57,19 +58,19 @@ const DEMO_ROWS: i64 = 5000;
 const DEMO_CREATE: &str =
     "CREATE TABLE accounts (id int8 PRIMARY KEY, owner text NOT NULL, balance numeric NOT NULL DEFAULT 0)";
 
-/// One local PostgreSQL and the shard it serves.
+/// One local PostgreSQL and the shard it serves, with its replicas.
 struct LocalShard {
     id: ShardId,
     pgdata: PathBuf,
+    /// Dropped before the replicas: a primary's shutdown sends its connected
+    /// replicas all of its WAL first, so next run they resume from there.
     cluster: testkit::Cluster,
+    replicas: Vec<testkit::Cluster>,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.shards == 0 {
         anyhow::bail!("--shards must be at least 1");
-    }
-    if args.replicas != 0 {
-        tracing::warn!("--replicas is accepted but replicas are not started yet");
     }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
@@ -84,7 +85,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         return Err(e);
     }
 
-    let shards = start_shards(&dir, args.shards, &password).await?;
+    let mut shards = start_shards(&dir, args.shards, &password).await?;
+    start_replicas(&mut shards, args.replicas).await?;
     for shard in &shards {
         ensure_database(shard.cluster.port(), &password).await?;
     }
@@ -124,6 +126,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             shard.cluster.port(),
             shard.pgdata.display()
         );
+        for (j, replica) in (1..).zip(&shard.replicas) {
+            eprintln!(
+                "shardline dev:   replica {j} of shard {} is PostgreSQL on 127.0.0.1:{} (data in {})",
+                shard.id,
+                replica.port(),
+                replica.data_dir().display()
+            );
+        }
     }
     eprintln!(
         "shardline dev: proxy config {}; demo table {DEMO_TABLE} is sharded by {DEMO_KEY}. Ctrl-C stops everything.",
@@ -143,6 +153,13 @@ fn pgdata(dir: &Path, i: u32) -> PathBuf {
     } else {
         dir.join(format!("pgdata-{i}"))
     }
+}
+
+/// The data directory of replica `j` (from 1) of the shard in `pgdata`.
+fn replica_pgdata(pgdata: &Path, j: u32) -> PathBuf {
+    let mut dir = pgdata.as_os_str().to_owned();
+    dir.push(format!("-replica-{j}"));
+    PathBuf::from(dir)
 }
 
 /// Refuses to run fewer shards than the map already has: their partitions
@@ -176,6 +193,7 @@ async fn start_shards(dir: &Path, count: u32, password: &str) -> anyhow::Result<
                     id: ShardId(i),
                     pgdata,
                     cluster,
+                    replicas: Vec::new(),
                 })
             })
         })
@@ -185,6 +203,34 @@ async fn start_shards(dir: &Path, count: u32, password: &str) -> anyhow::Result<
         shards.push(start.await??);
     }
     Ok(shards)
+}
+
+/// Opens (copying its primary on first use) `count` streaming replicas of
+/// every shard, all in parallel, each on a free port; each follows its
+/// primary on the port the primary has in this run.
+async fn start_replicas(shards: &mut [LocalShard], count: u32) -> anyhow::Result<()> {
+    let mut starts = Vec::new();
+    for (slot, shard) in shards.iter().enumerate() {
+        for j in 1..=count {
+            let dir = replica_pgdata(&shard.pgdata, j);
+            let builder = shard.cluster.replica();
+            let id = shard.id;
+            let start = tokio::task::spawn_blocking(move || {
+                builder
+                    .open_or_init(&dir, testkit::free_port())
+                    .with_context(|| {
+                        format!("starting replica {j} of shard {id} in {}", dir.display())
+                    })
+            });
+            starts.push((slot, start));
+        }
+    }
+    // In order of `j`, so a shard's replicas keep their order across runs.
+    for (slot, start) in starts {
+        let replica = start.await??;
+        shards[slot].replicas.push(replica);
+    }
+    Ok(())
 }
 
 /// Runs a one-node metadata group persisted under `<dir>/meta`, on the port
@@ -212,7 +258,8 @@ async fn start_metadata(dir: &Path) -> anyhow::Result<MetaNode> {
     Ok(node)
 }
 
-/// Records each local PostgreSQL as its shard, or its new port if it moved.
+/// Records each local PostgreSQL as its shard with its replicas, or their new
+/// ports if they moved (ports are picked afresh on every run).
 async fn register_shards(
     client: &MetaClient,
     state: &MetaState,
@@ -220,17 +267,24 @@ async fn register_shards(
 ) -> anyhow::Result<()> {
     for shard in shards {
         let primary = format!("127.0.0.1:{}", shard.cluster.port());
+        let replicas: Vec<String> = shard
+            .replicas
+            .iter()
+            .map(|replica| format!("127.0.0.1:{}", replica.port()))
+            .collect();
         let command = match state.map.shards.get(&shard.id) {
             None => Command::AddShard {
                 id: shard.id,
                 primary,
-                replicas: Vec::new(),
+                replicas,
             },
-            Some(s) if s.primary != primary => Command::SetShardAddresses {
-                id: shard.id,
-                primary,
-                replicas: Vec::new(),
-            },
+            Some(s) if s.primary != primary || s.replicas != replicas => {
+                Command::SetShardAddresses {
+                    id: shard.id,
+                    primary,
+                    replicas,
+                }
+            }
             Some(_) => continue,
         };
         propose(client, command)

@@ -26,6 +26,82 @@ pub struct Config {
     /// The metadata group to follow; absent means no shard map (one server).
     #[serde(default)]
     pub metadata: Option<MetadataConfig>,
+    #[serde(default)]
+    pub replicas: ReplicaConfig,
+}
+
+/// Read routing to the shard map's streaming replicas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaConfig {
+    /// Where reads go by default; a session may change it with
+    /// `SET shardline.read_from`.
+    pub read_from: ReadFrom,
+    /// `auto`: the server that says it is not in recovery takes writes (a
+    /// promoted replica is followed without a restart); `map`: always the
+    /// map's primary.
+    pub role: Role,
+    /// Replicas further behind than this (in time or in WAL bytes) get no reads.
+    #[serde(with = "humantime_serde")]
+    pub max_replica_lag: Duration,
+    pub max_replica_lag_bytes: u64,
+    /// How often every server is probed for role, health and WAL position.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// A failed server is probed again after this, then twice as long each
+    /// time it is still down, up to `breaker_backoff_max`.
+    #[serde(with = "humantime_serde")]
+    pub breaker_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub breaker_backoff_max: Duration,
+    /// User-defined functions that only read, so statements calling them may
+    /// run on a replica (names as called, `name` or `schema.name`).
+    pub safe_functions: Vec<String>,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            read_from: ReadFrom::Any,
+            role: Role::Auto,
+            max_replica_lag: Duration::from_secs(1),
+            max_replica_lag_bytes: 16 << 20,
+            health_interval: Duration::from_millis(50),
+            breaker_backoff_min: Duration::from_millis(100),
+            breaker_backoff_max: Duration::from_secs(5),
+            safe_functions: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadFrom {
+    /// Reads never leave the primary.
+    Primary,
+    /// Reads go to a replica whatever its lag (read-your-writes still holds),
+    /// to the primary only when no replica is up.
+    Replica,
+    /// Reads go to a caught-up replica, else to the primary.
+    Any,
+}
+
+impl ReadFrom {
+    pub fn parse(s: &str) -> Option<ReadFrom> {
+        match s.to_ascii_lowercase().as_str() {
+            "primary" => Some(ReadFrom::Primary),
+            "replica" => Some(ReadFrom::Replica),
+            "any" => Some(ReadFrom::Any),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Auto,
+    Map,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +232,14 @@ pub struct DatabaseConfig {
     pub pool_size: Option<u32>,
     #[serde(default)]
     pub pool_mode: Option<PoolMode>,
+    /// After a session commits a write, its reads go only to replicas that
+    /// have replayed it.
+    #[serde(default = "yes")]
+    pub read_your_writes: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_host() -> String {
@@ -221,6 +305,17 @@ impl Config {
         }
         if p.checkout_timeout.is_zero() || p.connect_timeout.is_zero() {
             return invalid("checkout_timeout and connect_timeout must be positive".into());
+        }
+        let r = &self.replicas;
+        if r.health_interval < Duration::from_millis(5)
+            || r.breaker_backoff_min.is_zero()
+            || r.breaker_backoff_max < r.breaker_backoff_min
+        {
+            return invalid(
+                "replicas.health_interval must be at least 5ms and breaker_backoff_max at least \
+                 breaker_backoff_min (which must be positive)"
+                    .into(),
+            );
         }
         if let Some(m) = &self.metadata {
             if m.endpoints.is_empty() {

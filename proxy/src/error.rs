@@ -50,6 +50,15 @@ pub enum Error {
     },
     #[error("could not connect to the server for database \"{database}\": {reason}")]
     ServerUnavailable { database: String, reason: String },
+    #[error(
+        "shard {shard}'s {role} is unavailable ({reason}); {consequence} until it is back, retry later"
+    )]
+    ShardUnavailable {
+        shard: router::ShardId,
+        role: &'static str,
+        reason: String,
+        consequence: &'static str,
+    },
     #[error("server connection lost: {0}")]
     ServerIo(std::io::Error),
     #[error("server sent an invalid message: {0}")]
@@ -96,6 +105,7 @@ impl Error {
             | Error::CopyData(_)
             | Error::TransactionAborted => Kind::Client,
             Error::ServerUnavailable { .. }
+            | Error::ShardUnavailable { .. }
             | Error::ServerIo(_)
             | Error::ServerProtocol(_)
             | Error::ServerAuth(_) => Kind::Server,
@@ -123,6 +133,7 @@ impl Error {
             Error::UnknownDatabase(_) => "3D000",
             Error::TooManyClients { .. } | Error::PoolExhausted { .. } => "53300",
             Error::ServerUnavailable { .. } | Error::ServerIo(_) => "08006",
+            Error::ShardUnavailable { .. } => "57P03",
             Error::ServerProtocol(_) => "08P01",
             Error::ServerAuth(_) => "08004",
             Error::ClientIo(_) => "08006",
@@ -141,6 +152,7 @@ impl Error {
             self,
             Error::PoolExhausted { .. }
                 | Error::ServerUnavailable { .. }
+                | Error::ShardUnavailable { .. }
                 | Error::MapNotCurrent { .. }
                 | Error::Refused(_)
                 | Error::CopyData(_)

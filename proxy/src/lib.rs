@@ -6,6 +6,7 @@
 //! and forwards frames between the two.
 
 pub mod auth;
+pub mod backends;
 pub mod cancel;
 pub mod config;
 pub mod error;

@@ -19,8 +19,9 @@ use wire::backend::{self, TransactionStatus};
 use wire::frontend::{self, Bind, Parse, Target};
 use wire::{Frame, Header};
 
+use crate::backends::Hold;
 use crate::cancel::CancelTarget;
-use crate::config::PoolMode;
+use crate::config::{PoolMode, ReadFrom};
 use crate::error::{Error, Result};
 use crate::params;
 use crate::pending::{Effects, Entry, Expect, LocalReply, Pending};
@@ -37,6 +38,15 @@ pub const STREAM_THRESHOLD: usize = 64 << 10;
 /// The largest frame accepted at all (streamed frames included): PostgreSQL's
 /// own ceiling for one message is 1 GB.
 const FRAME_BYTES_MAX: u32 = (1 << 30) - 1;
+
+/// An ErrorResponse that means the server is ending the connection (it is
+/// shutting down or crashed), not that the statement failed.
+fn server_going_away(body: &[u8]) -> bool {
+    backend::ErrorFields::decode(body).is_ok_and(|f| {
+        matches!(f.severity, b"FATAL" | b"PANIC")
+            || matches!(f.code, b"57P01" | b"57P02" | b"57P03")
+    })
+}
 
 /// The client closed its side: fine between messages, a protocol error inside one.
 fn client_eof(cbuf: &BytesMut) -> Result<()> {
@@ -79,10 +89,28 @@ pub struct Session {
     home_pool: Arc<Pool>,
     database: String,
     user: Arc<crate::config::User>,
-    /// Shard pools by shard id, with the address each was made for.
-    shard_pools: HashMap<ShardId, (String, Arc<Pool>)>,
+    /// Pools of the shard map's servers, by address.
+    shard_pools: HashMap<String, Arc<Pool>>,
     /// The shard of the attached server connection (`None` without a shard map).
     server_shard: Option<ShardId>,
+    /// The server of the attached connection, counted as outstanding on it
+    /// (`None` without a shard map).
+    server_hold: Option<Hold>,
+    /// Where reads go (`SET shardline.read_from`).
+    read_from: ReadFrom,
+    /// The BEGIN held back in `deferred_begin` is READ ONLY, so the
+    /// transaction may run on a replica.
+    begin_read_only: bool,
+    /// The statement being attached may write (it is not replica-safe).
+    statement_writes: bool,
+    /// A statement that may write ran in this transaction.
+    txn_wrote: bool,
+    /// Per shard, the session's last write: its reads go only to replicas
+    /// that have replayed it.
+    last_writes: HashMap<ShardId, WriteMark>,
+    /// A simple-Query read sent to a replica, kept until its first reply
+    /// reaches the client, so it can be sent elsewhere if the replica fails.
+    retry: Option<Retry>,
     /// Counts server connections attached, so that per-connection facts
     /// (the unnamed statement is there) can tell which connection they hold for.
     attach_count: u64,
@@ -128,6 +156,25 @@ pub struct Session {
     terminated: bool,
 }
 
+/// What a session knows of its last write on a shard.
+#[derive(Clone, Copy, Debug)]
+enum WriteMark {
+    /// Committed before this instant; the LSN is not known yet.
+    CommittedBefore(tokio::time::Instant),
+    /// A primary WAL position at or past the commit.
+    Lsn(u64),
+}
+
+/// A read that may be sent again: nothing of its reply has reached the client.
+struct Retry {
+    frame: Frame,
+    shard: ShardId,
+    attempts: u32,
+}
+
+/// Times a read is sent again after its server failed.
+const READ_RETRIES_MAX: u32 = 3;
+
 pub struct Login {
     pub client: TcpStream,
     pub cbuf: BytesMut,
@@ -142,6 +189,7 @@ pub struct Login {
 impl Session {
     pub fn new(shared: Arc<Shared>, login: Login) -> Session {
         let mode = login.pool.mode;
+        let read_from = shared.config.replicas.read_from;
         Session {
             shared,
             client: login.client,
@@ -153,6 +201,13 @@ impl Session {
             user: login.user,
             shard_pools: HashMap::new(),
             server_shard: None,
+            server_hold: None,
+            read_from,
+            begin_read_only: false,
+            statement_writes: true,
+            txn_wrote: false,
+            last_writes: HashMap::new(),
+            retry: None,
             attach_count: 0,
             unnamed: None,
             unnamed_sent_on: None,
@@ -198,67 +253,104 @@ impl Session {
     async fn serve(&mut self) -> Result<()> {
         let buffer_max = self.shared.config.proxy.buffer_bytes_max as usize;
         loop {
-            self.process_client().await?;
-            if self.terminated {
-                return Ok(());
+            match self.step(buffer_max).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e @ Error::ServerIo(_)) if self.retry.is_some() => self.retry_read(e).await?,
+                Err(e) => return Err(e),
             }
-            self.process_server()?;
-            self.maybe_release();
+        }
+    }
 
-            // Back-pressure: read a side only while the other side's output has room.
-            let Session {
-                client,
-                cbuf,
-                cout,
-                server,
-                sout,
-                ..
-            } = self;
-            let (mut client_rd, mut client_wr) = client.split();
-            let read_client = cout.len() < buffer_max && sout.len() < buffer_max;
-            let read_server = cout.len() < buffer_max;
-            cbuf.reserve(8192);
-            match server.as_deref_mut() {
-                Some(conn) => {
-                    conn.buf.reserve(8192);
-                    let (mut server_rd, mut server_wr) = conn.stream.split();
-                    tokio::select! {
-                        biased;
-                        r = write_some(&mut server_wr, sout), if !sout.is_empty() => {
-                            r.map_err(|e| { conn.broken = true; Error::ServerIo(e) })?;
+    /// One turn of the event loop; `true` once the client is gone.
+    async fn step(&mut self, buffer_max: usize) -> Result<bool> {
+        self.process_client().await?;
+        if self.terminated {
+            return Ok(true);
+        }
+        self.process_server()?;
+        self.maybe_release();
+
+        // Back-pressure: read a side only while the other side's output has room.
+        let Session {
+            client,
+            cbuf,
+            cout,
+            server,
+            sout,
+            ..
+        } = self;
+        let (mut client_rd, mut client_wr) = client.split();
+        let read_client = cout.len() < buffer_max && sout.len() < buffer_max;
+        let read_server = cout.len() < buffer_max;
+        cbuf.reserve(8192);
+        match server.as_deref_mut() {
+            Some(conn) => {
+                conn.buf.reserve(8192);
+                let (mut server_rd, mut server_wr) = conn.stream.split();
+                tokio::select! {
+                    biased;
+                    r = write_some(&mut server_wr, sout), if !sout.is_empty() => {
+                        r.map_err(|e| { conn.broken = true; Error::ServerIo(e) })?;
+                    }
+                    r = write_some(&mut client_wr, cout), if !cout.is_empty() => {
+                        r.map_err(Error::ClientIo)?;
+                    }
+                    r = server_rd.read_buf(&mut conn.buf), if read_server => {
+                        let n = r.map_err(|e| { conn.broken = true; Error::ServerIo(e) })?;
+                        if n == 0 {
+                            conn.broken = true;
+                            return Err(Error::ServerIo(std::io::ErrorKind::UnexpectedEof.into()));
                         }
-                        r = write_some(&mut client_wr, cout), if !cout.is_empty() => {
-                            r.map_err(Error::ClientIo)?;
-                        }
-                        r = server_rd.read_buf(&mut conn.buf), if read_server => {
-                            let n = r.map_err(|e| { conn.broken = true; Error::ServerIo(e) })?;
-                            if n == 0 {
-                                conn.broken = true;
-                                return Err(Error::ServerIo(std::io::ErrorKind::UnexpectedEof.into()));
-                            }
-                        }
-                        r = client_rd.read_buf(cbuf), if read_client => {
-                            if r.map_err(Error::ClientIo)? == 0 {
-                                return client_eof(cbuf);
-                            }
+                    }
+                    r = client_rd.read_buf(cbuf), if read_client => {
+                        if r.map_err(Error::ClientIo)? == 0 {
+                            return client_eof(cbuf).map(|()| true);
                         }
                     }
                 }
-                None => {
-                    tokio::select! {
-                        biased;
-                        r = write_some(&mut client_wr, cout), if !cout.is_empty() => {
-                            r.map_err(Error::ClientIo)?;
-                        }
-                        r = client_rd.read_buf(cbuf), if read_client => {
-                            if r.map_err(Error::ClientIo)? == 0 {
-                                return client_eof(cbuf);
-                            }
+            }
+            None => {
+                tokio::select! {
+                    biased;
+                    r = write_some(&mut client_wr, cout), if !cout.is_empty() => {
+                        r.map_err(Error::ClientIo)?;
+                    }
+                    r = client_rd.read_buf(cbuf), if read_client => {
+                        if r.map_err(Error::ClientIo)? == 0 {
+                            return client_eof(cbuf).map(|()| true);
                         }
                     }
                 }
             }
         }
+        Ok(false)
+    }
+
+    /// The replica running a read failed before any of its reply reached the
+    /// client: take it out of rotation and send the read elsewhere.
+    async fn retry_read(&mut self, e: Error) -> Result<()> {
+        let retry = self.retry.take().expect("checked by the caller");
+        let Some(map) = self.routing_map() else {
+            return Err(e);
+        };
+        if retry.attempts >= READ_RETRIES_MAX {
+            return Err(e);
+        }
+        if let Some(hold) = &self.server_hold {
+            let reason = e.to_string();
+            hold.node()
+                .report_failure(&reason, &self.shared.config.replicas);
+            tracing::info!(shard = %retry.shard, addr = %hold.node().addr, %reason, "sending a read to another server");
+        }
+        self.drop_server();
+        self.sout.clear();
+        let frame = retry.frame.clone();
+        self.retry = Some(Retry {
+            attempts: retry.attempts + 1,
+            ..retry
+        });
+        self.on_query_routed(&frame, &map).await
     }
 
     /// Hands the server connection back, or drops it if its state is unknown.
@@ -307,6 +399,19 @@ impl Session {
             }
         }
         self.server_shard = None;
+        self.server_hold = None;
+        *self.cancel_target.lock().expect("lock poisoned") = None;
+    }
+
+    /// Closes the attached server connection (its state is unknown, or
+    /// rolling back is the point) and forgets what was owed from it.
+    fn drop_server(&mut self) {
+        if let Some(mut conn) = self.server.take() {
+            conn.broken = true;
+        }
+        self.pending.clear();
+        self.server_shard = None;
+        self.server_hold = None;
         *self.cancel_target.lock().expect("lock poisoned") = None;
     }
 
@@ -535,10 +640,7 @@ impl Session {
             return Ok(());
         }
         let attached = match &map {
-            Some(map) => {
-                let shard = self.server_shard.unwrap_or(router::ShardMap::HOME);
-                self.attach(shard, map).await
-            }
+            Some(map) => self.attach_current(map).await,
             None => self.ensure_server().await,
         };
         if let Err(e) = attached {
@@ -843,6 +945,20 @@ impl Session {
                     "unexpected message 0x{tag:02x} from the server"
                 )));
             }
+            if d.forward && self.retry.is_some() {
+                if tag == backend::ERROR_RESPONSE
+                    && server_going_away(&conn.buf[wire::HEADER_LEN..frame_len])
+                {
+                    // Not for the client: the read goes elsewhere.
+                    conn.broken = true;
+                    return Err(Error::ServerIo(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the server is shutting down",
+                    )));
+                }
+                // Part of the reply reaches the client: no going back.
+                self.retry = None;
+            }
             if d.forward {
                 if tag == backend::READY_FOR_QUERY
                     && (self.deferred_begin.is_some() || self.aborted_locally)
@@ -917,6 +1033,14 @@ impl Session {
             return; // the client's transaction status is the proxy's, not the server's
         }
         self.txn_status = status;
+        if status == TransactionStatus::Idle && self.txn_wrote {
+            self.txn_wrote = false;
+            if let Some(shard) = self.server_shard {
+                let now = tokio::time::Instant::now();
+                self.last_writes
+                    .insert(shard, WriteMark::CommittedBefore(now));
+            }
+        }
         if status == TransactionStatus::Idle && !self.txn_effects.is_empty() {
             if self.error_in_batch {
                 self.txn_effects.clear();

@@ -19,6 +19,8 @@ pub struct Shared {
     pub analyses: router::AnalysisCache,
     /// The shard map and lease, when a metadata group is configured.
     pub follower: Option<Arc<crate::follower::MapFollower>>,
+    /// Role, health and lag of every server in the shard map.
+    pub backends: crate::backends::Backends,
     /// Per-process secret that makes SCRAM exchanges for unknown users look real.
     pub mock_nonce: [u8; 32],
     clients: AtomicU32,
@@ -32,7 +34,10 @@ impl Shared {
             .iter()
             .map(|u| (u.name.clone(), Arc::new(User::from_config(u))))
             .collect();
+        let backends =
+            crate::backends::Backends::new(config.replicas.clone(), probe_target(&config, &users));
         Shared {
+            backends,
             config,
             users,
             pools: Pools::default(),
@@ -59,31 +64,10 @@ impl Shared {
     /// (`host:port`, a shard's primary from the shard map), or on the
     /// database's configured server when `addr` is `None`.
     pub fn pool_at(&self, database: &DatabaseConfig, user: &User, addr: Option<&str>) -> Arc<Pool> {
-        let (host, port) = addr
-            .and_then(|a| a.rsplit_once(':'))
-            .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
-            .unwrap_or_else(|| (database.host.clone(), database.port));
         self.pools
             .get_or_create(&database.name, &user.name, addr.unwrap_or(""), || {
                 let p = &self.config.proxy;
-                let target = ServerTarget {
-                    host,
-                    port,
-                    database: database
-                        .dbname
-                        .clone()
-                        .unwrap_or_else(|| database.name.clone()),
-                    user: database
-                        .server_user
-                        .clone()
-                        .unwrap_or_else(|| user.name.clone()),
-                    password: database
-                        .server_password
-                        .clone()
-                        .or_else(|| user.plain_password.clone()),
-                    connect_timeout: p.connect_timeout,
-                    message_bytes_max: p.message_bytes_max,
-                };
+                let target = server_target(&self.config, database, user, addr);
                 let settings = PoolSettings {
                     size: database.pool_size.unwrap_or(p.pool_size),
                     mode: database.pool_mode.unwrap_or(p.pool_mode),
@@ -120,6 +104,60 @@ impl Shared {
             })
             .expect("closure always returns Some")
     }
+}
+
+/// Where and as whom `user`'s connections for `database` log in: at `addr`
+/// (`host:port`) or at the database's configured server.
+fn server_target(
+    config: &Config,
+    database: &DatabaseConfig,
+    user: &User,
+    addr: Option<&str>,
+) -> ServerTarget {
+    let (host, port) = addr
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+        .unwrap_or_else(|| (database.host.clone(), database.port));
+    ServerTarget {
+        host,
+        port,
+        database: database
+            .dbname
+            .clone()
+            .unwrap_or_else(|| database.name.clone()),
+        user: database
+            .server_user
+            .clone()
+            .unwrap_or_else(|| user.name.clone()),
+        password: database
+            .server_password
+            .clone()
+            .or_else(|| user.plain_password.clone()),
+        connect_timeout: config.proxy.connect_timeout,
+        message_bytes_max: config.proxy.message_bytes_max,
+    }
+}
+
+/// How the health monitors log in: as the first database's server user, or
+/// else as the first user whose password is known (the address is set per
+/// server).
+fn probe_target(config: &Config, users: &HashMap<String, Arc<User>>) -> Option<ServerTarget> {
+    let database = config.databases.first()?;
+    let user = match &database.server_user {
+        // The server login is the database's own; the user only fills gaps.
+        Some(name) => Arc::new(User::from_config(&crate::config::UserConfig {
+            name: name.clone(),
+            password: None,
+            auth: crate::config::AuthMethod::Trust,
+        })),
+        None => config
+            .users
+            .iter()
+            .filter_map(|u| users.get(&u.name))
+            .find(|u| u.plain_password.is_some())?
+            .clone(),
+    };
+    Some(server_target(config, database, &user, None))
 }
 
 /// A counted client connection; the count drops with it.

@@ -12,11 +12,14 @@
 //! router cannot place, sets a `refusal` the caller can show. Tables are found twice over: a
 //! structured walk of the query levels it understands (FROM lists, WHERE clauses, WITH
 //! queries, subqueries), which also extracts keys and resolves WITH names; and, for every
-//! other part of a tree, a generic scan over all nodes (through the `serde::Serialize` that
-//! pg_query derives for each node type), so that no node type can hide a sharded table.
+//! other part of a tree, a generic scan over all nodes (`TreeScan`, through the
+//! `serde::Serialize` that pg_query derives for each node type), so that no node type can
+//! hide a sharded table.
+//!
+//! From the same parse, the analysis also says whether the text may run on one of the
+//! shard's streaming replicas rather than its primary ([`ReplicaSafety`]).
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -27,11 +30,12 @@ use pg_query::protobuf::{
     UpdateStmt, WindowDef, WithClause,
 };
 use pg_query::{Node, NodeEnum};
-use serde::ser::{self, Serialize, Serializer};
 
 use crate::error::{Error, Result};
 use crate::hash::KeyValue;
+use crate::replica::{self, ReplicaSafety};
 use crate::shard_map::{Epoch, KeyType, ShardMap, Table};
+use crate::tree_scan::TreeScan;
 
 /// What a statement text does to sharded tables.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +48,11 @@ pub struct Analysis {
     /// Why the statement must not be routed, in words the client can be shown; the first
     /// reason found. `targets` are still filled in as far as they could be.
     pub refusal: Option<String>,
+    /// Whether the whole text may run on a streaming replica (a hot standby) of the shard
+    /// instead of its primary. Independent of the map and of any configuration: functions
+    /// the configuration may declare read-only are listed, see
+    /// [`Analysis::replica_safe_with`].
+    pub replica: ReplicaSafety,
 }
 
 /// The kind of a statement, as far as routing cares.
@@ -128,7 +137,8 @@ pub fn analyse(sql: &str, map: &ShardMap) -> Result<Analysis> {
             kind.get_or_insert(statement_kind);
         }
     }
-    Ok(walker.finish(kind.unwrap_or(StatementKind::Other)))
+    let replica = replica::classify(&parsed.protobuf.stmts);
+    Ok(walker.finish(kind.unwrap_or(StatementKind::Other), replica))
 }
 
 /// Whether a pg_query error means the text is not valid SQL (rather than "valid, but
@@ -143,11 +153,25 @@ fn is_rejected_by_grammar(error: &pg_query::Error) -> bool {
 }
 
 impl Analysis {
+    /// Whether the text may run on a replica with no function declared read-only: only
+    /// reads, and calls to no function but read-only built-ins.
+    pub fn replica_safe(&self) -> bool {
+        self.replica_safe_with::<&str>(&[])
+    }
+
+    /// Whether the text may run on a replica when the non-built-in functions named in
+    /// `read_only_functions` (`my_func`, `app.report`: as called, exactly) are known to be
+    /// read-only. See [`ReplicaSafety::allows`].
+    pub fn replica_safe_with<S: AsRef<str>>(&self, read_only_functions: &[S]) -> bool {
+        self.replica.allows(read_only_functions)
+    }
+
     fn unparsed() -> Analysis {
         Analysis {
             kind: StatementKind::Other,
             targets: Vec::new(),
             refusal: None,
+            replica: ReplicaSafety::Primary,
         }
     }
 
@@ -305,11 +329,12 @@ impl<'m> Walker<'m> {
         }
     }
 
-    fn finish(self, kind: StatementKind) -> Analysis {
+    fn finish(self, kind: StatementKind, replica: ReplicaSafety) -> Analysis {
         Analysis {
             kind,
             targets: self.targets,
             refusal: self.refusal,
+            replica,
         }
     }
 
@@ -913,8 +938,8 @@ impl<'m> Walker<'m> {
     /// could be either a sharded table or a WITH query defined in there is refused rather
     /// than guessed: the scan does not know the scopes.
     fn opaque(&mut self, node: &NodeEnum, writes: bool) {
-        let mut scan = RelationScan::default();
-        if node.serialize(&mut scan).is_err() {
+        let mut scan = TreeScan::default();
+        if scan.scan(node).is_err() {
             self.refuse("cannot route this statement: its parse tree could not be read".into());
         }
         let map: &'m ShardMap = self.map;
@@ -1544,238 +1569,6 @@ fn array_element(chars: &mut Chars<'_>) -> Option<Option<String>> {
         (true, false) => None,
         _ if !escaped && element.eq_ignore_ascii_case("null") => Some(None),
         _ => Some(Some(element)),
-    }
-}
-
-// ---- the generic scan -------------------------------------------------------------------
-
-/// Every relation and WITH query named anywhere in a parse subtree, found through the
-/// `serde::Serialize` implementation pg_query derives for all node types, so node types
-/// the structured walk does not know cannot hide a table.
-#[derive(Default)]
-struct RelationScan {
-    /// `(schemaname, relname)` of every `RangeVar`.
-    relations: Vec<(String, String)>,
-    /// The name of every WITH query.
-    ctes: Vec<String>,
-    /// The string field being captured, while `capturing`.
-    captured: Option<String>,
-    capturing: bool,
-}
-
-type ScanResult = std::result::Result<(), fmt::Error>;
-
-macro_rules! ignore_scalars {
-    ($($method:ident: $ty:ty),* $(,)?) => {
-        $(fn $method(self, _: $ty) -> ScanResult { Ok(()) })*
-    };
-}
-
-impl<'a> Serializer for &'a mut RelationScan {
-    type Ok = ();
-    type Error = fmt::Error;
-    type SerializeSeq = Self;
-    type SerializeTuple = Self;
-    type SerializeTupleStruct = Self;
-    type SerializeTupleVariant = Self;
-    type SerializeMap = Self;
-    type SerializeStruct = StructScan<'a>;
-    type SerializeStructVariant = Self;
-
-    ignore_scalars!(
-        serialize_bool: bool, serialize_i8: i8, serialize_i16: i16, serialize_i32: i32,
-        serialize_i64: i64, serialize_u8: u8, serialize_u16: u16, serialize_u32: u32,
-        serialize_u64: u64, serialize_f32: f32, serialize_f64: f64, serialize_char: char,
-        serialize_bytes: &[u8], serialize_unit_struct: &'static str,
-    );
-
-    fn serialize_str(self, value: &str) -> ScanResult {
-        if self.capturing {
-            self.captured = Some(value.to_owned());
-        }
-        Ok(())
-    }
-
-    fn serialize_none(self) -> ScanResult {
-        Ok(())
-    }
-
-    fn serialize_unit(self) -> ScanResult {
-        Ok(())
-    }
-
-    fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> ScanResult {
-        Ok(())
-    }
-
-    fn serialize_some<T: ?Sized + Serialize>(self, value: &T) -> ScanResult {
-        value.serialize(self)
-    }
-
-    fn serialize_newtype_struct<T: ?Sized + Serialize>(
-        self,
-        _: &'static str,
-        value: &T,
-    ) -> ScanResult {
-        value.serialize(self)
-    }
-
-    fn serialize_newtype_variant<T: ?Sized + Serialize>(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        value: &T,
-    ) -> ScanResult {
-        value.serialize(self)
-    }
-
-    fn serialize_seq(self, _: Option<usize>) -> std::result::Result<Self, fmt::Error> {
-        Ok(self)
-    }
-
-    fn serialize_tuple(self, _: usize) -> std::result::Result<Self, fmt::Error> {
-        Ok(self)
-    }
-
-    fn serialize_tuple_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> std::result::Result<Self, fmt::Error> {
-        Ok(self)
-    }
-
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> std::result::Result<Self, fmt::Error> {
-        Ok(self)
-    }
-
-    fn serialize_map(self, _: Option<usize>) -> std::result::Result<Self, fmt::Error> {
-        Ok(self)
-    }
-
-    fn serialize_struct(
-        self,
-        name: &'static str,
-        _: usize,
-    ) -> std::result::Result<StructScan<'a>, fmt::Error> {
-        Ok(StructScan {
-            scan: self,
-            name,
-            schemaname: String::new(),
-            relname: String::new(),
-        })
-    }
-
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> std::result::Result<Self, fmt::Error> {
-        Ok(self)
-    }
-}
-
-/// The sequence-like serializer traits all just visit each element.
-macro_rules! scan_elements {
-    ($($trait:ident :: $method:ident),*) => {$(
-        impl ser::$trait for &mut RelationScan {
-            type Ok = ();
-            type Error = fmt::Error;
-
-            fn $method<T: ?Sized + Serialize>(&mut self, value: &T) -> ScanResult {
-                value.serialize(&mut **self)
-            }
-
-            fn end(self) -> ScanResult {
-                Ok(())
-            }
-        }
-    )*};
-}
-
-scan_elements!(
-    SerializeSeq::serialize_element,
-    SerializeTuple::serialize_element,
-    SerializeTupleStruct::serialize_field,
-    SerializeTupleVariant::serialize_field
-);
-
-impl ser::SerializeMap for &mut RelationScan {
-    type Ok = ();
-    type Error = fmt::Error;
-
-    fn serialize_key<T: ?Sized + Serialize>(&mut self, key: &T) -> ScanResult {
-        key.serialize(&mut **self)
-    }
-
-    fn serialize_value<T: ?Sized + Serialize>(&mut self, value: &T) -> ScanResult {
-        value.serialize(&mut **self)
-    }
-
-    fn end(self) -> ScanResult {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStructVariant for &mut RelationScan {
-    type Ok = ();
-    type Error = fmt::Error;
-
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, _: &'static str, value: &T) -> ScanResult {
-        value.serialize(&mut **self)
-    }
-
-    fn end(self) -> ScanResult {
-        Ok(())
-    }
-}
-
-/// One struct of the tree; captures the name fields of `RangeVar` and `CommonTableExpr`.
-struct StructScan<'a> {
-    scan: &'a mut RelationScan,
-    name: &'static str,
-    schemaname: String,
-    /// The relation name, or the WITH query name.
-    relname: String,
-}
-
-impl ser::SerializeStruct for StructScan<'_> {
-    type Ok = ();
-    type Error = fmt::Error;
-
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> ScanResult {
-        let slot = match (self.name, key) {
-            ("RangeVar", "schemaname") => &mut self.schemaname,
-            ("RangeVar", "relname") | ("CommonTableExpr", "ctename") => &mut self.relname,
-            _ => return value.serialize(&mut *self.scan),
-        };
-        self.scan.capturing = true;
-        let result = value.serialize(&mut *self.scan);
-        self.scan.capturing = false;
-        *slot = self.scan.captured.take().unwrap_or_default();
-        result
-    }
-
-    fn end(self) -> ScanResult {
-        match self.name {
-            "RangeVar" => self.scan.relations.push((self.schemaname, self.relname)),
-            "CommonTableExpr" => self.scan.ctes.push(self.relname),
-            _ => {}
-        }
-        Ok(())
     }
 }
 

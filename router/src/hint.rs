@@ -1,8 +1,11 @@
 //! Hint: routing an application states in a comment, for statements whose
 //! shard the parser cannot decide (a function call, a keyless statement
 //! known to touch one shard): `/* shardline: shard=2 */` or
-//! `/* shardline: key=42 */`. Comments are found with PostgreSQL's own
-//! scanner, so the same text inside a string literal is not a hint.
+//! `/* shardline: key=42 */`; or for the choice between a shard's primary and
+//! its replicas, which the application may know better than the text shows:
+//! `/* shardline: primary */` or `/* shardline: replica */`. A text holds at
+//! most one hint. Comments are found with PostgreSQL's own scanner, so the
+//! same text inside a string literal is not a hint.
 
 use pg_query::protobuf::Token;
 
@@ -19,6 +22,11 @@ pub enum Hint {
     Shard(ShardId),
     /// Run where this key value lives (in the text form of the key's type).
     Key(String),
+    /// Run on the shard's primary, even if the statement only reads (it must
+    /// see the latest writes, say). Does not change which shard.
+    Primary,
+    /// Prefer one of the shard's replicas. Does not change which shard.
+    Replica,
 }
 
 /// The hint in `sql`, if any. A malformed hint is an error (the client
@@ -55,8 +63,13 @@ pub fn hint(sql: &str) -> Result<Option<Hint>, String> {
 
 fn parse(spec: &str) -> Result<Hint, String> {
     let bad = || {
-        format!("routing hint \"shardline: {spec}\" must be \"shardline: shard=N\" or \"shardline: key=VALUE\"")
+        format!("routing hint \"shardline: {spec}\" must be \"shardline: shard=N\", \"shardline: key=VALUE\", \"shardline: primary\" or \"shardline: replica\"")
     };
+    match spec {
+        "primary" => return Ok(Hint::Primary),
+        "replica" => return Ok(Hint::Replica),
+        _ => {}
+    }
     let (name, value) = spec.split_once('=').ok_or_else(bad)?;
     let value = value.trim();
     match name.trim() {
@@ -72,8 +85,11 @@ fn parse(spec: &str) -> Result<Hint, String> {
 /// The route once a hint is taken into account. A hint decides where the
 /// parser could not (home, or every shard); where the statement's own keys
 /// decide, a hint that disagrees is refused rather than followed.
+/// [`Hint::Primary`] and [`Hint::Replica`] choose among a shard's servers,
+/// not the shard: they leave the route as it is.
 pub fn apply_hint(route: Route, hint: &Hint, analysis: &Analysis, map: &ShardMap) -> Route {
     let hinted = match hint {
+        Hint::Primary | Hint::Replica => return route,
         Hint::Shard(id) => {
             if !map.shards.contains_key(id) {
                 return Route::Refused(format!(
@@ -156,7 +172,11 @@ mod tests {
                 "/* shardline: key='o''brien' */ SELECT 1",
                 Some(Hint::Key("o'brien".into())),
             ),
+            ("/* shardline: primary */ SELECT 1", Some(Hint::Primary)),
+            ("SELECT 1 /*shardline:replica*/", Some(Hint::Replica)),
+            ("-- shardline:  primary \nSELECT 1", Some(Hint::Primary)),
             ("SELECT '/* shardline: shard=2 */'", None),
+            ("SELECT '/* shardline: primary */'", None),
             ("SELECT 1 /* other comment */", None),
             ("SELECT 1", None),
         ] {
@@ -233,6 +253,25 @@ mod tests {
             run("/* shardline: key=abc */ SELECT f()"),
             Route::Refused(_)
         ));
+        for server in ["primary", "replica"] {
+            assert_eq!(
+                run(&format!("/* shardline: {server} */ SELECT count(*) FROM t")),
+                Route::Every,
+                "{server}"
+            );
+            assert_eq!(
+                run(&format!(
+                    "/* shardline: {server} */ SELECT * FROM t WHERE id = 7"
+                )),
+                Route::Shard(owner(7)),
+                "{server}"
+            );
+            assert_eq!(
+                run(&format!("/* shardline: {server} */ SELECT 1")),
+                Route::Home,
+                "{server}"
+            );
+        }
     }
 
     #[test]
@@ -242,6 +281,11 @@ mod tests {
             "/* shardline: shard */ SELECT 1",
             "/* shardline: replica=1 */ SELECT 1",
             "/* shardline: key= */ SELECT 1",
+            "/* shardline: primary=1 */ SELECT 1",
+            "/* shardline: primary replica */ SELECT 1",
+            "/* shardline: primary, shard=1 */ SELECT 1",
+            "/* shardline: replicas */ SELECT 1",
+            "/* shardline: */ SELECT 1",
         ] {
             assert!(hint(sql).is_err(), "{sql}");
         }

@@ -11,14 +11,17 @@ pub mod insert_split;
 pub mod key_param;
 pub mod merge;
 pub mod placement;
+mod replica;
 pub mod route;
 pub mod scatter;
 mod session_effect;
 mod shard_map;
+mod tree_scan;
 
 pub use analysis::{analyse, Analysis, AnalysisCache, KeySource, StatementKind, TableTarget};
 pub use effects_cache::EffectsCache;
 pub use error::{Error, Result};
+pub use replica::{begin_read_only, ReplicaSafety};
 pub use route::{route, Params, Route};
 pub use scatter::{
     plan as plan_scatter, Bound, FinalPlan, Merge, Refusal, ScatterPlan, SortColumn, SortKey,

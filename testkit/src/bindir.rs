@@ -1,4 +1,5 @@
-//! Finding the PostgreSQL server binaries (`postgres`, `initdb`) and their major version.
+//! Finding the PostgreSQL server binaries (`postgres`, `initdb`, and the tools that go with
+//! them) and their major version.
 //!
 //! Tests and `shardline dev` run a real server, so they need its binaries; distributions put
 //! them in different places (Debian hides them in `/usr/lib/postgresql/<major>/bin`), hence
@@ -71,6 +72,30 @@ pub fn find_bindir() -> anyhow::Result<PathBuf> {
          directory holding `postgres` and `initdb`",
         searched.join(", ")
     ))
+}
+
+/// The PostgreSQL program `name` (e.g. `pg_basebackup`, `pg_ctl`) that belongs to the server
+/// in `bindir`: there, or beside the file `bindir/postgres` links to (a `PATH` dir may hold
+/// links to only some of the programs, and another version's tools may refuse this server).
+pub(crate) fn server_tool(bindir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let beside = bindir.join(name);
+    if is_executable(&beside) {
+        return Ok(beside);
+    }
+    let postgres = bindir.join("postgres");
+    let linked = postgres
+        .canonicalize()
+        .ok()
+        .and_then(|real| Some(real.parent()?.join(name)))
+        .filter(|tool| is_executable(tool));
+    linked.ok_or_else(|| {
+        anyhow!(
+            "no `{name}` in {} nor beside the file {} links to; install the PostgreSQL \
+             client programs of the server's version (e.g. `apt-get install postgresql-client`)",
+            bindir.display(),
+            postgres.display()
+        )
+    })
 }
 
 /// The major version of the server in `bindir`, e.g. `"15"`, from `postgres --version`.
@@ -194,6 +219,11 @@ mod tests {
     fn finds_installed_server() {
         let bindir = find_bindir().expect("this machine has PostgreSQL installed");
         assert!(has_server_binaries(&bindir), "{}", bindir.display());
+        for tool in ["pg_basebackup", "pg_ctl"] {
+            let path = server_tool(&bindir, tool).expect("installed with the server");
+            assert!(is_executable(&path), "{}", path.display());
+        }
+        assert!(server_tool(&bindir, "no_such_tool").is_err());
         let major = major_version(&bindir).expect("postgres --version works");
         assert!(major.parse::<u32>().is_ok(), "major version {major:?}");
     }

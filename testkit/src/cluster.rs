@@ -3,24 +3,27 @@
 //! End-to-end tests need real servers that start fast, never collide on ports or
 //! directories, and disappear even when a test panics. A throwaway cluster is a copy of the
 //! shared template in a fresh temp dir; dropping it stops the server and deletes the dir.
-//! A persistent cluster lives in a caller-chosen directory that survives the drop.
+//! A persistent cluster lives in a caller-chosen directory that survives the drop. A replica
+//! is a `pg_basebackup` of a running cluster that streams its WAL; either kind too.
 
 use std::fmt;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tempfile::TempDir;
 use tokio_postgres::{Client, NoTls};
 
-use crate::bindir::{find_bindir, major_version};
+use crate::basebackup::Basebackup;
+use crate::bindir::{find_bindir, major_version, server_tool};
 use crate::cluster_builder::ClusterBuilder;
 use crate::initdb::Initdb;
 use crate::password_encryption::PasswordEncryption;
-use crate::postmaster::{log_path_in, stop_stale, Postmaster, PostmasterSpec};
+use crate::postmaster::{log_path_in, stop_stale, Postmaster, PostmasterSpec, StartFailure};
+use crate::replica_builder::{Primary, ReplicaBuilder};
 use crate::scratch_root::{scratch_root, sweep_leftovers, CLUSTER_DIR_PREFIX};
 use crate::server_user::ServerUser;
 use crate::template::{ensure_template, SUPERUSER, SUPERUSER_PASSWORD};
@@ -34,6 +37,12 @@ const PORT_ATTEMPTS: u32 = 3;
 
 /// How long a client connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `pg_ctl promote` may take to end recovery.
+const PROMOTE_TIMEOUT_S: u32 = 30;
+
+/// A replica's password file for its connection to the primary, in its data dir.
+const PASSFILE_NAME: &str = "shardline.pgpass";
 
 /// Settings for throwaway clusters: durability off (the data dies with the test anyway).
 const THROWAWAY_SETTINGS: &[(&str, &str)] = &[
@@ -52,15 +61,30 @@ const PERSISTENT_SETTINGS: &[(&str, &str)] = &[
     ("shared_buffers", "32MB"),
 ];
 
-/// `pg_hba.conf` of the persistent cluster: first match wins.
+/// Settings of every replica, after those it inherits from its primary: reconnect to a
+/// restarted primary within moments, not the default 5 s.
+const REPLICA_SETTINGS: &[(&str, &str)] = &[("wal_retrieve_retry_interval", "200ms")];
+
+/// `pg_hba.conf` of the persistent cluster: first match wins. Database `all` does not match
+/// replication connections, hence their own lines (for `pg_basebackup` and replicas).
 const PERSISTENT_PG_HBA: &str = "\
+# Written by shardline testkit; first match wins.
+# TYPE  DATABASE     USER  ADDRESS       METHOD
+local   all          all                 trust
+local   replication  all                 trust
+host    all          all   127.0.0.1/32  scram-sha-256
+host    replication  all   127.0.0.1/32  scram-sha-256
+";
+
+/// What [`PERSISTENT_PG_HBA`] was before replicas; dev dirs made then are upgraded on open.
+const PERSISTENT_PG_HBA_V1: &str = "\
 # Written by shardline testkit; first match wins.
 # TYPE  DATABASE  USER  ADDRESS       METHOD
 local   all       all                 trust
 host    all       all   127.0.0.1/32  scram-sha-256
 ";
 
-/// One running PostgreSQL server on `127.0.0.1`.
+/// One running PostgreSQL server on `127.0.0.1`: a primary, or a streaming replica of one.
 ///
 /// Dropping it stops the server (also while a panicking test unwinds); a throwaway cluster
 /// also deletes its directory. Blocking: `start`, `stop` and `drop` wait for the server.
@@ -71,6 +95,11 @@ pub struct Cluster {
     log_path: PathBuf,
     superuser: String,
     password: String,
+    bindir: PathBuf,
+    user: ServerUser,
+    /// Settings on top of the throwaway or persistent defaults; a replica's start with its
+    /// primary's and end with its `primary_conninfo`.
+    extra_settings: Vec<(String, String)>,
     /// `None` once stopped.
     postmaster: Option<Postmaster>,
     /// The throwaway cluster's directory, deleted on drop; `None` for persistent clusters.
@@ -89,6 +118,7 @@ impl Cluster {
     ///
     /// Authentication over TCP: role [`crate::MD5_USER`] uses `md5`, role
     /// [`crate::TRUST_USER`] uses `trust`, everyone else `scram-sha-256`; Unix sockets trust.
+    /// Replication connections (for [`Cluster::replica`]) use `scram-sha-256`.
     pub fn start() -> anyhow::Result<Cluster> {
         Self::builder().start()
     }
@@ -107,6 +137,30 @@ impl Cluster {
         Self::builder().open_or_init(dir, port, superuser, password)
     }
 
+    /// A builder for a streaming replica of this (running) server: throwaway with
+    /// [`ReplicaBuilder::start`], persistent with [`ReplicaBuilder::open_or_init`].
+    ///
+    /// The replica inherits this server's extra settings, superuser and password, and
+    /// retries a lost connection to it every 200 ms (`wal_retrieve_retry_interval`).
+    pub fn replica(&self) -> ReplicaBuilder {
+        let mut settings = self.extra_settings.clone();
+        settings.extend(
+            REPLICA_SETTINGS
+                .iter()
+                .map(|&(name, value)| (name.to_owned(), value.to_owned())),
+        );
+        ReplicaBuilder::new(
+            Primary {
+                port: self.port,
+                superuser: self.superuser.clone(),
+                password: self.password.clone(),
+                bindir: self.bindir.clone(),
+                user: self.user,
+            },
+            settings,
+        )
+    }
+
     pub(crate) fn start_throwaway(extra_settings: &[(String, String)]) -> anyhow::Result<Cluster> {
         let started = Instant::now();
         let bindir = find_bindir()?;
@@ -116,53 +170,66 @@ impl Cluster {
         sweep_leftovers(&root);
         let template = ensure_template(&root, &bindir, &major, user)?;
 
-        let temp_dir = tempfile::Builder::new()
-            .prefix(CLUSTER_DIR_PREFIX)
-            .tempdir_in(&root)
-            .with_context(|| format!("creating a cluster dir in {}", root.display()))?;
-        user.chown(temp_dir.path())?;
+        let temp_dir = throwaway_dir(&root, user)?;
         let data_dir = temp_dir.path().join("data");
         copy_dir(&template, &data_dir)?;
-        let log_path = log_path_in(temp_dir.path());
-        let settings = with_defaults(THROWAWAY_SETTINGS, extra_settings);
+        let mut cluster = Cluster {
+            port: 0,
+            socket_dir: temp_dir.path().to_owned(),
+            log_path: log_path_in(temp_dir.path()),
+            data_dir,
+            superuser: SUPERUSER.to_owned(),
+            password: SUPERUSER_PASSWORD.to_owned(),
+            bindir,
+            user,
+            extra_settings: extra_settings.to_vec(),
+            postmaster: None,
+            temp_dir: Some(temp_dir),
+        };
+        cluster.start_on_free_port()?;
+        tracing::debug!(port = cluster.port, elapsed = ?started.elapsed(), data_dir = %cluster.data_dir.display(), "throwaway cluster ready");
+        Ok(cluster)
+    }
 
-        let mut attempt = 1;
-        loop {
-            let port = try_free_port().context("finding a free port")?;
-            let spec = PostmasterSpec {
-                bindir: &bindir,
-                user,
-                data_dir: &data_dir,
-                socket_dir: temp_dir.path(),
-                log_path: &log_path,
-                port,
-                settings: &settings,
-            };
-            match Postmaster::start(&spec) {
-                Ok(postmaster) => {
-                    tracing::debug!(port, elapsed = ?started.elapsed(), data_dir = %data_dir.display(), "throwaway cluster ready");
-                    return Ok(Cluster {
-                        port,
-                        socket_dir: temp_dir.path().to_owned(),
-                        data_dir,
-                        log_path,
-                        superuser: SUPERUSER.to_owned(),
-                        password: SUPERUSER_PASSWORD.to_owned(),
-                        postmaster: Some(postmaster),
-                        temp_dir: Some(temp_dir),
-                    });
-                }
-                Err(failure) if failure.port_in_use && attempt < PORT_ATTEMPTS => {
-                    tracing::debug!(
-                        port,
-                        attempt,
-                        "port taken before postgres bound it; retrying"
-                    );
-                    attempt += 1;
-                }
-                Err(failure) => return Err(failure.error),
-            }
+    pub(crate) fn start_throwaway_replica(
+        primary: &Primary,
+        mut extra_settings: Vec<(String, String)>,
+    ) -> anyhow::Result<Cluster> {
+        let started = Instant::now();
+        let root = scratch_root();
+        sweep_leftovers(&root);
+        let temp_dir = throwaway_dir(&root, primary.user)?;
+        let data_dir = temp_dir.path().join("data");
+        Basebackup {
+            bindir: &primary.bindir,
+            user: primary.user,
+            primary_port: primary.port,
+            superuser: &primary.superuser,
+            password: &primary.password,
+            data_dir: &data_dir,
+            no_sync: true,
         }
+        .run()?;
+        let passfile = data_dir.join(PASSFILE_NAME);
+        primary.write_passfile(&passfile)?;
+        extra_settings.push(primary.conninfo_setting(&passfile));
+
+        let mut cluster = Cluster {
+            port: 0,
+            socket_dir: temp_dir.path().to_owned(),
+            log_path: log_path_in(temp_dir.path()),
+            data_dir,
+            superuser: primary.superuser.clone(),
+            password: primary.password.clone(),
+            bindir: primary.bindir.clone(),
+            user: primary.user,
+            extra_settings,
+            postmaster: None,
+            temp_dir: Some(temp_dir),
+        };
+        cluster.start_on_free_port()?;
+        tracing::debug!(port = cluster.port, primary_port = primary.port, elapsed = ?started.elapsed(), "throwaway replica ready");
+        Ok(cluster)
     }
 
     pub(crate) fn open_persistent(
@@ -196,30 +263,103 @@ impl Cluster {
             }
             .run()?;
         }
+        upgrade_pg_hba(&dir)?;
         stop_stale(&dir)?;
 
-        let log_path = log_path_in(&dir);
-        let settings = with_defaults(PERSISTENT_SETTINGS, extra_settings);
-        let spec = PostmasterSpec {
-            bindir: &bindir,
-            user,
-            data_dir: &dir,
-            socket_dir: &dir,
-            log_path: &log_path,
-            port,
-            settings: &settings,
-        };
-        let postmaster = Postmaster::start(&spec).map_err(|failure| failure.error)?;
-        Ok(Cluster {
+        let mut cluster = Cluster {
             port,
             socket_dir: dir.clone(),
+            log_path: log_path_in(&dir),
             data_dir: dir,
-            log_path,
             superuser: superuser.to_owned(),
             password: password.to_owned(),
-            postmaster: Some(postmaster),
+            bindir,
+            user,
+            extra_settings: extra_settings.to_vec(),
+            postmaster: None,
             temp_dir: None,
-        })
+        };
+        cluster
+            .start_postmaster()
+            .map_err(|failure| failure.error)?;
+        Ok(cluster)
+    }
+
+    pub(crate) fn open_persistent_replica(
+        primary: &Primary,
+        mut extra_settings: Vec<(String, String)>,
+        dir: &Path,
+        port: u16,
+    ) -> anyhow::Result<Cluster> {
+        let dir = absolute_in_existing_parent(dir)?;
+        if !dir.join("PG_VERSION").is_file() {
+            basebackup_via_staging(primary, &dir)?;
+        }
+        stop_stale(&dir)?;
+        // Rewritten on every open: the password is the primary's of today.
+        let passfile = dir.join(PASSFILE_NAME);
+        primary.write_passfile(&passfile)?;
+        extra_settings.push(primary.conninfo_setting(&passfile));
+
+        let mut cluster = Cluster {
+            port,
+            socket_dir: dir.clone(),
+            log_path: log_path_in(&dir),
+            data_dir: dir,
+            superuser: primary.superuser.clone(),
+            password: primary.password.clone(),
+            bindir: primary.bindir.clone(),
+            user: primary.user,
+            extra_settings,
+            postmaster: None,
+            temp_dir: None,
+        };
+        cluster
+            .start_postmaster()
+            .map_err(|failure| failure.error)?;
+        Ok(cluster)
+    }
+
+    /// Starts the server on `self.port`, blocking until it accepts connections.
+    fn start_postmaster(&mut self) -> Result<(), StartFailure> {
+        let defaults = if self.temp_dir.is_some() {
+            THROWAWAY_SETTINGS
+        } else {
+            PERSISTENT_SETTINGS
+        };
+        let settings = with_defaults(defaults, &self.extra_settings);
+        let spec = PostmasterSpec {
+            bindir: &self.bindir,
+            user: self.user,
+            data_dir: &self.data_dir,
+            socket_dir: &self.socket_dir,
+            log_path: &self.log_path,
+            port: self.port,
+            settings: &settings,
+        };
+        self.postmaster = Some(Postmaster::start(&spec)?);
+        Ok(())
+    }
+
+    /// Starts the server on a free port, on another one if the port is taken before the
+    /// server binds it.
+    fn start_on_free_port(&mut self) -> anyhow::Result<()> {
+        let mut attempt = 1;
+        loop {
+            self.port = try_free_port().context("finding a free port")?;
+            match self.start_postmaster() {
+                Ok(()) => return Ok(()),
+                Err(failure) if failure.port_in_use && attempt < PORT_ATTEMPTS => {
+                    tracing::debug!(
+                        port = self.port,
+                        attempt,
+                        "port taken before postgres bound it; retrying"
+                    );
+                    attempt += 1;
+                }
+                Err(failure) => return Err(failure.error),
+            }
+        }
     }
 
     /// The TCP port on [`Cluster::host`].
@@ -349,6 +489,50 @@ impl Cluster {
             postmaster.stop();
         }
     }
+
+    /// Stops the server (if running) and starts it again on the same data dir, port and
+    /// settings; blocks until it accepts connections. A replica resumes following its
+    /// primary.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.start_postmaster().map_err(|failure| failure.error)
+    }
+
+    /// Promotes a replica to a primary (`pg_ctl promote -w`): blocks until it has left
+    /// recovery and accepts writes. An error on a server that is not a replica.
+    pub fn promote(&self) -> anyhow::Result<()> {
+        if self.postmaster.is_none() {
+            bail!(
+                "cannot promote the server on port {}: it is stopped",
+                self.port
+            );
+        }
+        let pg_ctl = server_tool(&self.bindir, "pg_ctl")?;
+        // pg_ctl refuses to run as root, like postgres.
+        let output = self
+            .user
+            .command(&pg_ctl)
+            .args(["promote", "-w", "-t"])
+            .arg(PROMOTE_TIMEOUT_S.to_string())
+            .arg("-D")
+            .arg(&self.data_dir)
+            .env("LC_ALL", "C")
+            .current_dir(&self.data_dir)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", pg_ctl.display()))?;
+        if !output.status.success() {
+            bail!(
+                "{} promote -D {} failed with {}:\n{}{}",
+                pg_ctl.display(),
+                self.data_dir.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr),
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Cluster {
@@ -383,6 +567,86 @@ fn with_defaults(defaults: &[(&str, &str)], extra: &[(String, String)]) -> Vec<(
         .map(|&(name, value)| (name.to_owned(), value.to_owned()))
         .chain(extra.iter().cloned())
         .collect()
+}
+
+/// A fresh throwaway cluster dir in `root`, handed to the server user.
+fn throwaway_dir(root: &Path, user: ServerUser) -> anyhow::Result<TempDir> {
+    let temp_dir = tempfile::Builder::new()
+        .prefix(CLUSTER_DIR_PREFIX)
+        .tempdir_in(root)
+        .with_context(|| format!("creating a cluster dir in {}", root.display()))?;
+    user.chown(temp_dir.path())?;
+    Ok(temp_dir)
+}
+
+/// `dir` made absolute through its parent, which is created if missing; `dir` itself may
+/// not exist yet. postgres changes into the data dir, so relative paths would resolve wrongly.
+fn absolute_in_existing_parent(dir: &Path) -> anyhow::Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .with_context(|| format!("{} names no directory", dir.display()))?;
+    let parent = match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let parent = parent
+        .canonicalize()
+        .with_context(|| format!("resolving {}", parent.display()))?;
+    Ok(parent.join(name))
+}
+
+/// `pg_basebackup`s `primary` into `<dir>.basebackup`, then renames that to `dir`, so that
+/// `dir` holds a cluster only once the copy is complete.
+fn basebackup_via_staging(primary: &Primary, dir: &Path) -> anyhow::Result<()> {
+    let mut staging = dir.as_os_str().to_owned();
+    staging.push(".basebackup");
+    let staging = PathBuf::from(staging);
+    // Left by a run killed mid-copy.
+    if staging.exists() {
+        fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing the unfinished copy {}", staging.display()))?;
+    }
+    // Made here, not by pg_basebackup: as root, the server user may not write the parent.
+    fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    primary.user.chown(&staging)?;
+    fs::set_permissions(&staging, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 700 {}", staging.display()))?;
+
+    tracing::info!(dir = %dir.display(), primary_port = primary.port, "creating a PostgreSQL replica with pg_basebackup");
+    let copied = Basebackup {
+        bindir: &primary.bindir,
+        user: primary.user,
+        primary_port: primary.port,
+        superuser: &primary.superuser,
+        password: &primary.password,
+        data_dir: &staging,
+        no_sync: false,
+    }
+    .run()
+    .and_then(|()| {
+        fs::rename(&staging, dir)
+            .with_context(|| format!("renaming {} to {}", staging.display(), dir.display()))
+    });
+    if copied.is_err() {
+        if let Err(err) = fs::remove_dir_all(&staging) {
+            tracing::warn!(dir = %staging.display(), %err, "removing the unfinished copy");
+        }
+    }
+    copied
+}
+
+/// Replaces a `pg_hba.conf` written by an older testkit (without replication lines) with
+/// today's; leaves any other (e.g. hand-edited) file alone.
+fn upgrade_pg_hba(data_dir: &Path) -> anyhow::Result<()> {
+    let hba = data_dir.join("pg_hba.conf");
+    let text = fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
+    if text != PERSISTENT_PG_HBA_V1 {
+        return Ok(());
+    }
+    tracing::info!(file = %hba.display(), "allowing replication connections");
+    // Truncating keeps the file's owner and mode.
+    fs::write(&hba, PERSISTENT_PG_HBA).with_context(|| format!("writing {}", hba.display()))
 }
 
 /// `cp -a`: keeps modes and ownership (the server user's) and reflinks where the filesystem can.
@@ -458,6 +722,23 @@ mod tests {
         ];
         for (input, expected) in cases {
             assert_eq!(percent_encode(input), expected, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn upgrades_only_the_old_testkit_pg_hba() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let hba = dir.path().join("pg_hba.conf");
+        let edited = format!("{PERSISTENT_PG_HBA_V1}host all all 10.0.0.0/8 scram-sha-256\n");
+        let cases = [
+            (PERSISTENT_PG_HBA_V1, PERSISTENT_PG_HBA),
+            (PERSISTENT_PG_HBA, PERSISTENT_PG_HBA),
+            (edited.as_str(), edited.as_str()),
+        ];
+        for (before, after) in cases {
+            fs::write(&hba, before).expect("write pg_hba.conf");
+            upgrade_pg_hba(dir.path()).expect("upgrade");
+            assert_eq!(fs::read_to_string(&hba).expect("read"), after, "{before:?}");
         }
     }
 

@@ -8,17 +8,22 @@
 //!   initdb'd once per machine (see `template.rs`), on a free 127.0.0.1 port, in
 //!   `/dev/shm` when it is roomy, else the temp dir (override: [`SCRATCH_DIR_ENV`]).
 //! - [`Cluster::open_or_init`]: a persistent server in a chosen directory, for `shardline dev`.
+//! - [`Cluster::replica`]: a streaming replica of a running server (`pg_basebackup`),
+//!   throwaway or persistent; [`Cluster::promote`] makes it a primary.
 //! - [`find_bindir`]: where the `postgres` and `initdb` binaries are.
 //!
-//! When running as root, `initdb` and `postgres` run as the `postgres` OS user (they refuse
-//! to run as root) and the directories they use are handed to that user.
+//! When running as root, `initdb`, `pg_basebackup`, `pg_ctl` and `postgres` run as the
+//! `postgres` OS user (the server programs refuse to run as root) and the directories they
+//! use are handed to that user.
 
+mod basebackup;
 mod bindir;
 mod cluster;
 mod cluster_builder;
 mod initdb;
 mod password_encryption;
 mod postmaster;
+mod replica_builder;
 mod scratch_root;
 mod server_user;
 mod template;
@@ -29,6 +34,7 @@ pub use bindir::{find_bindir, BINDIR_ENV};
 pub use cluster::Cluster;
 pub use cluster_builder::ClusterBuilder;
 pub use password_encryption::PasswordEncryption;
+pub use replica_builder::ReplicaBuilder;
 pub use scratch_root::SCRATCH_DIR_ENV;
 pub use template::{MD5_USER, TRUST_USER};
 

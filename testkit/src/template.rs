@@ -17,7 +17,7 @@ use crate::scratch_root::TEMPLATE_PREFIX;
 use crate::server_user::ServerUser;
 
 /// Bump when the template's contents change (flags, pg_hba) so old templates are not reused.
-const TEMPLATE_FORMAT: u32 = 1;
+const TEMPLATE_FORMAT: u32 = 2;
 
 /// Superuser name and password of every throwaway cluster.
 pub(crate) const SUPERUSER: &str = "postgres";
@@ -27,14 +27,17 @@ pub(crate) const SUPERUSER_PASSWORD: &str = "postgres";
 pub const MD5_USER: &str = "md5_user";
 pub const TRUST_USER: &str = "trust_user";
 
-/// First match wins, so the per-role lines come before the generic host line.
+/// First match wins, so the per-role lines come before the generic host line. Database
+/// `all` does not match replication connections (`pg_basebackup`, replicas): they have their
+/// own line.
 const PG_HBA: &str = "\
 # Written by shardline testkit; first match wins.
-# TYPE  DATABASE  USER        ADDRESS       METHOD
-local   all       all                       trust
-host    all       md5_user    127.0.0.1/32  md5
-host    all       trust_user  127.0.0.1/32  trust
-host    all       all         127.0.0.1/32  scram-sha-256
+# TYPE  DATABASE     USER        ADDRESS       METHOD
+local   all          all                       trust
+host    all          md5_user    127.0.0.1/32  md5
+host    all          trust_user  127.0.0.1/32  trust
+host    all          all         127.0.0.1/32  scram-sha-256
+host    replication  all         127.0.0.1/32  scram-sha-256
 ";
 
 /// Returns the template data directory under `root`, creating it if no process has yet.

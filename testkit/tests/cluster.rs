@@ -2,11 +2,14 @@
 //!
 //! Everything else's end-to-end tests stand on these clusters, so this checks the promises
 //! they rely on: a server answers, both password storages authenticate (and reject wrong
-//! passwords), concurrent starts work, and servers and dirs are gone after drop or panic.
+//! passwords), concurrent starts work, servers and dirs are gone after drop or panic, and
+//! replicas follow their primary (also after moving ports), lag when told to, and promote.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use testkit::{free_port, Cluster, PasswordEncryption, MD5_USER, TRUST_USER};
 use tokio_postgres::error::SqlState;
@@ -20,6 +23,52 @@ fn running(pid: u32) -> bool {
         },
         Err(_) => false,
     }
+}
+
+/// How long a replica may take to show a row committed on its primary.
+const REPLICATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Polls `SELECT count(*) FROM <table> WHERE x = <x>` on `cluster` until it is 1, failing
+/// the test after [`REPLICATION_TIMEOUT`]; returns when the row showed up. A missing table
+/// counts as no row (the replica may not have replayed its creation yet).
+async fn wait_for_row(cluster: &Cluster, table: &str, x: i32) -> Instant {
+    let client = cluster.connect().await.expect("connect");
+    let deadline = Instant::now() + REPLICATION_TIMEOUT;
+    let sql = format!("SELECT count(*) FROM {table} WHERE x = {x}");
+    loop {
+        let found = match client.query_one(&sql, &[]).await {
+            Ok(row) => row.get::<_, i64>(0) == 1,
+            Err(err) if err.code() == Some(&SqlState::UNDEFINED_TABLE) => false,
+            Err(err) => panic!("{sql} on port {}: {err}", cluster.port()),
+        };
+        if found {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "row x = {x} of {table} not on port {} after {REPLICATION_TIMEOUT:?}",
+            cluster.port()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn in_recovery(cluster: &Cluster) -> bool {
+    cluster
+        .connect()
+        .await
+        .expect("connect")
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .expect("pg_is_in_recovery")
+        .get(0)
+}
+
+/// A temp dir the server user can traverse (as root the server runs as `postgres`).
+fn shared_temp_dir() -> tempfile::TempDir {
+    let root = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    root
 }
 
 fn sqlstate(err: &anyhow::Error) -> Option<SqlState> {
@@ -337,4 +386,206 @@ async fn persistent_cluster_keeps_data_and_replaces_a_stale_server() {
         .expect("row survived")
         .get(0);
     assert_eq!(x, 42);
+}
+
+#[tokio::test]
+async fn replica_follows_its_primary_and_takes_writes_once_promoted() {
+    // Arrange: a primary with a table, and a replica of it.
+    let primary = Cluster::start().expect("primary starts");
+    primary
+        .execute("CREATE TABLE t (x int)")
+        .await
+        .expect("create");
+    let replica = primary.replica().start().expect("replica starts");
+    assert_ne!(replica.port(), primary.port());
+    assert_ne!(replica.data_dir(), primary.data_dir());
+
+    // Act: write on the primary.
+    primary
+        .execute("INSERT INTO t VALUES (1)")
+        .await
+        .expect("insert");
+
+    // Check: the replica shows the row, serves reads only, and refuses writes.
+    wait_for_row(&replica, "t", 1).await;
+    assert!(in_recovery(&replica).await);
+    assert!(!in_recovery(&primary).await);
+    let err = replica
+        .execute("INSERT INTO t VALUES (2)")
+        .await
+        .expect_err("a replica refuses writes");
+    assert_eq!(
+        sqlstate(&err),
+        Some(SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err:#}"
+    );
+
+    // Act: promote. Check: it has left recovery and takes writes of its own.
+    replica.promote().expect("promote");
+    assert!(!in_recovery(&replica).await);
+    replica
+        .execute("INSERT INTO t VALUES (3)")
+        .await
+        .expect("the promoted replica takes writes");
+    wait_for_row(&replica, "t", 3).await;
+    assert!(primary.promote().is_err(), "a primary cannot be promoted");
+
+    // Drop stops the replica and removes its dir, like any throwaway cluster.
+    let (pid, dir) = (
+        replica.pid().expect("running"),
+        replica.data_dir().to_owned(),
+    );
+    drop(replica);
+    assert!(!running(pid), "replica {pid} still running");
+    assert!(!dir.exists(), "{} still exists", dir.display());
+}
+
+#[tokio::test]
+async fn delayed_replica_applies_commits_only_after_the_delay() {
+    let delay = Duration::from_millis(500);
+    let primary = Cluster::start().expect("primary starts");
+    primary
+        .execute("CREATE TABLE t (x int)")
+        .await
+        .expect("create");
+    let replica = primary
+        .replica()
+        .setting("recovery_min_apply_delay", "500ms")
+        .start()
+        .expect("replica starts");
+    // The table's creation is delayed too; wait until it is there.
+    primary
+        .execute("INSERT INTO t VALUES (0)")
+        .await
+        .expect("insert");
+    wait_for_row(&replica, "t", 0).await;
+    let reader = replica.connect().await.expect("connect");
+
+    // Act: commit a row on the primary.
+    let before_commit = Instant::now();
+    primary
+        .execute("INSERT INTO t VALUES (1)")
+        .await
+        .expect("insert");
+
+    // Check: not there right away, there only once the delay has passed since the commit.
+    let right_away: i64 = reader
+        .query_one("SELECT count(*) FROM t WHERE x = 1", &[])
+        .await
+        .expect("count")
+        .get(0);
+    if before_commit.elapsed() < delay {
+        assert_eq!(right_away, 0, "the row arrived before the delay");
+    }
+    let shown_at = wait_for_row(&replica, "t", 1).await;
+    let lag = shown_at - before_commit;
+    assert!(
+        lag >= delay,
+        "the row showed up after {lag:?}, before {delay:?}"
+    );
+}
+
+#[tokio::test]
+async fn restarted_replica_keeps_its_port_and_catches_up() {
+    let primary = Cluster::start().expect("primary starts");
+    primary
+        .execute("CREATE TABLE t (x int)")
+        .await
+        .expect("create");
+    let mut replica = primary.replica().start().expect("replica starts");
+    let (port, pid) = (replica.port(), replica.pid().expect("running"));
+
+    // Act: write while the replica is down, then restart it.
+    replica.stop();
+    primary
+        .execute("INSERT INTO t VALUES (1)")
+        .await
+        .expect("insert");
+    replica.restart().expect("restart");
+
+    // Check: a new server on the same port, still a replica, with the row.
+    assert_eq!(replica.port(), port);
+    assert!(!running(pid), "the old replica {pid} still runs");
+    assert_ne!(replica.pid(), Some(pid));
+    wait_for_row(&replica, "t", 1).await;
+    assert!(in_recovery(&replica).await);
+
+    // A restarted primary keeps its port too, and its replica reconnects.
+    let mut primary = primary;
+    let primary_port = primary.port();
+    primary.restart().expect("restart primary");
+    assert_eq!(primary.port(), primary_port);
+    primary
+        .execute("INSERT INTO t VALUES (2)")
+        .await
+        .expect("insert");
+    wait_for_row(&replica, "t", 2).await;
+}
+
+#[tokio::test]
+async fn persistent_replica_follows_its_primary_to_a_new_port() {
+    let root = shared_temp_dir();
+    let (primary_dir, replica_dir) = (root.path().join("primary"), root.path().join("replica"));
+    let (superuser, password) = ("dev", "dev p@ss:w'rd");
+    let open_primary = || {
+        Cluster::builder()
+            .setting("wal_level", "logical")
+            .open_or_init(&primary_dir, free_port(), superuser, password)
+            .expect("primary opens")
+    };
+    let open_replica = |primary: &Cluster| {
+        primary
+            .replica()
+            .open_or_init(&replica_dir, free_port())
+            .expect("replica opens")
+    };
+
+    // Arrange: a persistent primary and its replica, one row replicated; then both stop.
+    let primary = open_primary();
+    primary
+        .execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .expect("write");
+    let replica = open_replica(&primary);
+    assert_eq!(
+        replica.data_dir(),
+        replica_dir.canonicalize().expect("replica dir exists")
+    );
+    assert!(
+        !Path::new(&format!("{}.basebackup", replica_dir.display())).exists(),
+        "the staging dir is gone"
+    );
+    wait_for_row(&replica, "t", 1).await;
+    let login = replica
+        .connect_as(superuser, password, "postgres")
+        .await
+        .expect("the primary's superuser logs in to the replica");
+    drop(login);
+    // Gone if the next open copied the primary again instead of opening this replica.
+    let marker = replica_dir.join("opened-before");
+    std::fs::write(&marker, "").expect("marker");
+    drop(replica);
+    drop(primary);
+
+    // Act: reopen both, each on another port.
+    let primary = open_primary();
+    let replica = open_replica(&primary);
+
+    // Check: the same replica, following the primary on its new port.
+    assert!(marker.exists(), "the replica was copied again");
+    primary
+        .execute("INSERT INTO t VALUES (2)")
+        .await
+        .expect("write");
+    wait_for_row(&replica, "t", 2).await;
+    assert!(in_recovery(&replica).await);
+    let fsync: String = replica
+        .connect()
+        .await
+        .expect("connect")
+        .query_one("SELECT current_setting('fsync')", &[])
+        .await
+        .expect("fsync")
+        .get(0);
+    assert_eq!(fsync, "on", "a persistent replica must be durable");
 }

@@ -7,6 +7,7 @@ mod meta_cli;
 mod metadata;
 mod pooling;
 mod protocol;
+mod replicas;
 mod robustness;
 mod routing;
 mod routing_protocol;

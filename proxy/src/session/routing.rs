@@ -21,7 +21,9 @@ use wire::frontend::{self, Bind, Parse, Target};
 use wire::rows::{self, BindParams};
 use wire::Frame;
 
-use super::{write_some, ClientStatement, Session};
+use super::{write_some, ClientStatement, Retry, Session, WriteMark, READ_RETRIES_MAX};
+use crate::backends::{Node, ShardNodes};
+use crate::config::ReadFrom;
 use crate::error::{Error, Result};
 use crate::pending::{Entry, Expect, LocalReply};
 use crate::pool::Pool;
@@ -29,8 +31,9 @@ use crate::scatter::{self, Request, ShardConn, Sink};
 
 /// What to do with a statement.
 enum Decision {
-    /// Run it on this shard's primary.
-    Run(ShardId),
+    /// Run it on this shard: on a replica by this policy if it is a read
+    /// that may, else on the primary.
+    Run(ShardId, Option<ReadFrom>),
     /// A SELECT of this sharded table on several shards, merged.
     Scatter(Vec<ShardId>, String),
     /// DDL: these statements on these shards.
@@ -99,32 +102,55 @@ fn txn_word(sql: &str) -> TxnWord {
     }
 }
 
-/// `SET shardline.shard = N`, `SET shardline.shard TO DEFAULT`, `RESET shardline.shard`:
-/// `Some(Some(n))`, `Some(None)`, or `None` when the text is something else.
-fn shard_setting(sql: &str) -> Option<Result<Option<ShardId>, String>> {
+/// `SET shardline.<name> = V`, `SET shardline.<name> TO DEFAULT`, `RESET shardline.<name>`
+/// (names and values in lowercase): `Some(Some(v))`, `Some(None)` for the
+/// default, or `None` when the text is something else.
+fn proxy_setting(sql: &str, name: &str) -> Option<Option<String>> {
     let s = sql.trim().trim_end_matches(';').trim_end();
     if s.len() > 64 {
         return None; // every form of the setting is shorter; spare long texts the copy
     }
     let lower = s.to_ascii_lowercase();
-    if lower == "reset shardline.shard" {
-        return Some(Ok(None));
+    if lower.strip_prefix("reset shardline.") == Some(name) {
+        return Some(None);
     }
     let rest = lower
         .strip_prefix("set")?
         .trim_start()
         .strip_prefix("session")
         .map_or_else(|| lower[3..].trim_start(), str::trim_start);
-    let value = rest.strip_prefix("shardline.shard")?.trim_start();
+    let value = rest
+        .strip_prefix("shardline.")?
+        .strip_prefix(name)?
+        .trim_start();
     let value = value
         .strip_prefix('=')
         .or_else(|| value.strip_prefix("to "))?
         .trim()
         .trim_matches('\'');
-    Some(match value {
-        "default" => Ok(None),
-        v => v.parse().map(|n| Some(ShardId(n))).map_err(|_| {
+    Some((value != "default").then(|| value.to_owned()))
+}
+
+/// `SET shardline.shard = N` and its other forms: `Some(Some(n))`,
+/// `Some(None)` (back to routing by key), or `None` for other texts.
+fn shard_setting(sql: &str) -> Option<Result<Option<ShardId>, String>> {
+    Some(match proxy_setting(sql, "shard")? {
+        None => Ok(None),
+        Some(v) => v.parse().map(|n| Some(ShardId(n))).map_err(|_| {
             format!("invalid value for shardline.shard: \"{v}\" (a shard id, or DEFAULT)")
+        }),
+    })
+}
+
+/// `SET shardline.read_from = primary|replica|any` and its other forms
+/// (`None` in the result: back to the configured default).
+fn read_from_setting(sql: &str) -> Option<Result<Option<ReadFrom>, String>> {
+    Some(match proxy_setting(sql, "read_from")? {
+        None => Ok(None),
+        Some(v) => ReadFrom::parse(&v).map(Some).ok_or_else(|| {
+            format!(
+                "invalid value for shardline.read_from: \"{v}\" (primary, replica, any, or DEFAULT)"
+            )
         }),
     })
 }
@@ -145,10 +171,11 @@ fn tables_of(analysis: &router::Analysis) -> String {
 }
 
 impl Session {
-    /// The shard map to route by, when it declares sharded tables.
+    /// The shard map to route by, when it declares sharded tables or replicas.
     pub(super) fn routing_map(&self) -> Option<Arc<ShardMap>> {
         let map = self.shared.follower.as_ref()?.map();
-        (!map.tables.is_empty()).then_some(map)
+        let replicas = map.shards.values().any(|s| !s.replicas.is_empty());
+        (!map.tables.is_empty() || replicas).then_some(map)
     }
 
     /// Handles the frames routing decides on; `false` leaves the frame to
@@ -222,9 +249,26 @@ impl Session {
     }
 
     /// Makes sure a connection to `shard` is attached: the one in hand, or a
-    /// new one once the one in hand is between transactions.
-    pub(super) async fn attach(&mut self, shard: ShardId, map: &ShardMap) -> Result<()> {
-        if self.server.is_some() && self.server_shard != Some(shard) {
+    /// new one once the one in hand is between transactions. `read`: the
+    /// statement may run on a replica, by this policy (see [`Session::choose`]).
+    pub(super) async fn attach(
+        &mut self,
+        shard: ShardId,
+        map: &ShardMap,
+        read: Option<ReadFrom>,
+    ) -> Result<()> {
+        let in_transaction = self.server_in_transaction();
+        // Between transactions a read may want a replica, a write the primary.
+        let other_server = self.server.is_some()
+            && self.server_shard == Some(shard)
+            && !in_transaction
+            && self.mode == crate::config::PoolMode::Transaction
+            && {
+                let wanted = self.choose(shard, map, read)?;
+                let held = self.server_hold.as_ref().map(|h| h.node().addr.as_str());
+                wanted.as_ref().map(|n| n.addr.as_str()) != held
+            };
+        if self.server.is_some() && (self.server_shard != Some(shard) || other_server) {
             let current = self.server_shard.unwrap_or(ShardMap::HOME);
             if self.mode == crate::config::PoolMode::Session {
                 return Err(Error::Refused(format!(
@@ -247,45 +291,182 @@ impl Session {
             }
             if !self.pending.is_idle() {
                 if !self.pending.can_sync_early() {
-                    return Err(Error::Refused(format!(
-                        "this extended-protocol batch started on shard {current} and this statement \
-                         needs shard {shard}: send a Sync between statements for different shards"
-                    )));
+                    let why = if other_server {
+                        "this extended-protocol batch started on a replica and this statement needs \
+                         the primary: send a Sync before it"
+                            .to_owned()
+                    } else {
+                        format!(
+                            "this extended-protocol batch started on shard {current} and this \
+                             statement needs shard {shard}: send a Sync between statements for \
+                             different shards"
+                        )
+                    };
+                    return Err(Error::Refused(why));
                 }
                 self.sync_early();
                 self.settle().await?;
             }
             self.release_server();
         }
-        if self.server.is_none() {
-            self.pool = self.pool_for(shard, map)?;
+        let mut attempts = 0;
+        while self.server.is_none() {
+            let node = self.choose(shard, map, read)?;
+            self.pool = match &node {
+                Some(node) => self.pool_at(&node.addr)?,
+                None => self.home_pool.clone(),
+            };
             self.server_shard = Some(shard);
+            match self.ensure_server().await {
+                Ok(()) => self.server_hold = node.map(|n| n.hold()),
+                Err(e) => {
+                    let Some(node) = node else { return Err(e) };
+                    if !matches!(e, Error::ServerUnavailable { .. } | Error::ServerIo(_)) {
+                        return Err(e);
+                    }
+                    let reason = e.to_string();
+                    node.report_failure(&reason, &self.shared.config.replicas);
+                    attempts += 1;
+                    // A read goes on to another server; a write has none.
+                    if !(read.is_some() && attempts <= READ_RETRIES_MAX) {
+                        return Err(Error::ShardUnavailable {
+                            shard,
+                            role: if node.map_primary {
+                                "primary"
+                            } else {
+                                "replica"
+                            },
+                            reason,
+                            consequence: "statements that need it fail",
+                        });
+                    }
+                }
+            }
+        }
+        if self.statement_writes {
+            self.txn_wrote = true;
         }
         self.ensure_server().await
     }
 
-    pub(super) fn pool_for(&mut self, shard: ShardId, map: &ShardMap) -> Result<Arc<Pool>> {
-        let Some(s) = map.shards.get(&shard) else {
+    /// Attaches for a message that continues what is in flight (Describe,
+    /// Execute, Sync, ...): the connection in hand, else the primary of the
+    /// current shard.
+    pub(super) async fn attach_current(&mut self, map: &ShardMap) -> Result<()> {
+        if self.server.is_some() {
+            return self.ensure_server().await;
+        }
+        // Preparing and describing run nothing: outside a transaction a
+        // replica does (and does while the primary is down). A Bind that
+        // follows in the same batch moves the batch to the primary if its
+        // statement writes.
+        let idle = self.txn_status == TransactionStatus::Idle
+            && self.mode == crate::config::PoolMode::Transaction;
+        let read = idle
+            .then_some(self.read_from)
+            .filter(|r| *r != ReadFrom::Primary);
+        let shard = self.server_shard.unwrap_or(ShardMap::HOME);
+        self.statement_writes = false;
+        self.attach(shard, map, read).await
+    }
+
+    /// The server for a statement on `shard`: a replica for a read when one
+    /// qualifies (healthy, caught up, and past the session's last write
+    /// there), else the primary. `None`: the shard is not in the map, use
+    /// the database's configured server.
+    pub(super) fn choose(
+        &mut self,
+        shard: ShardId,
+        map: &ShardMap,
+        read: Option<ReadFrom>,
+    ) -> Result<Option<Arc<Node>>> {
+        let shared = self.shared.clone();
+        let backends = &shared.backends;
+        let Some(nodes) = backends.shard(shard, map) else {
             if shard == ShardMap::HOME {
-                return Ok(self.home_pool.clone());
+                return Ok(None);
             }
             return Err(Error::Refused(format!(
                 "shard {shard} is not in the shard map"
             )));
         };
-        if let Some((addr, pool)) = self.shard_pools.get(&shard) {
-            if *addr == s.primary {
-                return Ok(pool.clone());
+        let read = read.filter(|_| nodes.has_replicas());
+        let min_lsn = match read {
+            Some(_) => self.last_write_lsn(shard, &nodes),
+            None => None,
+        };
+        if let Some(read_from) = read {
+            if let Some(replica) = backends.replica(&nodes, read_from, min_lsn) {
+                return Ok(Some(replica));
             }
+        }
+        match backends.primary(&nodes) {
+            Ok(primary) => Ok(Some(primary)),
+            Err(down) => {
+                // Reads carry on on replicas while the primary is down, as
+                // long as they show the session's own writes.
+                if read.is_some() {
+                    if let Some(replica) = backends.replica(&nodes, ReadFrom::Replica, min_lsn) {
+                        return Ok(Some(replica));
+                    }
+                }
+                Err(Error::ShardUnavailable {
+                    shard: down.shard,
+                    role: "primary",
+                    reason: down.reason,
+                    consequence: if read.is_some() {
+                        "reads that must see this session's last write and writes fail"
+                    } else {
+                        "writes fail"
+                    },
+                })
+            }
+        }
+    }
+
+    /// The WAL position a replica must have replayed to show this session's
+    /// last write on `shard` (`u64::MAX` while that position is not known
+    /// yet: the primary then serves the read).
+    fn last_write_lsn(&mut self, shard: ShardId, nodes: &ShardNodes) -> Option<u64> {
+        let ryw = self
+            .shared
+            .database(&self.database)
+            .is_some_and(|d| d.read_your_writes);
+        if !ryw {
+            return None;
+        }
+        match *self.last_writes.get(&shard)? {
+            WriteMark::Lsn(lsn) => Some(lsn),
+            WriteMark::CommittedBefore(at) => match nodes.primary_lsn_after(at) {
+                Some(lsn) => {
+                    self.last_writes.insert(shard, WriteMark::Lsn(lsn));
+                    Some(lsn)
+                }
+                None => Some(u64::MAX),
+            },
+        }
+    }
+
+    /// The pool of the server at `addr` for this client's database and user.
+    pub(super) fn pool_at(&mut self, addr: &str) -> Result<Arc<Pool>> {
+        if let Some(pool) = self.shard_pools.get(addr) {
+            return Ok(pool.clone());
         }
         let database = self
             .shared
             .database(&self.database)
             .ok_or_else(|| Error::UnknownDatabase(self.database.clone()))?;
-        let pool = self.shared.pool_at(database, &self.user, Some(&s.primary));
-        self.shard_pools
-            .insert(shard, (s.primary.clone(), pool.clone()));
+        let pool = self.shared.pool_at(database, &self.user, Some(addr));
+        self.shard_pools.insert(addr.to_owned(), pool.clone());
         Ok(pool)
+    }
+
+    /// The pool of `shard`'s primary.
+    pub(super) fn pool_for(&mut self, shard: ShardId, map: &ShardMap) -> Result<Arc<Pool>> {
+        match self.choose(shard, map, None)? {
+            Some(node) => self.pool_at(&node.addr),
+            None => Ok(self.home_pool.clone()),
+        }
     }
 
     /// Runs the attached server until every reply owed is in `cout`. A
@@ -340,12 +521,7 @@ impl Session {
             self.settle().await?;
         }
         if self.server.is_some() && !self.pending.is_idle() {
-            if let Some(mut conn) = self.server.take() {
-                conn.broken = true;
-            }
-            self.pending.clear();
-            self.server_shard = None;
-            *self.cancel_target.lock().expect("lock poisoned") = None;
+            self.drop_server();
             if self.txn_status != TransactionStatus::Idle {
                 self.aborted_locally = true;
                 self.txn_status = TransactionStatus::Failed;
@@ -355,14 +531,19 @@ impl Session {
     }
 
     /// The route of `sql` with `params`, as a decision.
-    fn decide(&self, sql: &str, map: &ShardMap, params: router::Params<'_>) -> Decision {
+    fn decide(&mut self, sql: &str, map: &ShardMap, params: router::Params<'_>) -> Decision {
         let analysis = self.shared.analyses.get_or_analyse(sql, map);
         let mut route = router::route(&analysis, map, params);
-        match router::hint::hint(sql) {
+        let hint = match router::hint::hint(sql) {
             Err(why) => return Decision::Refuse(why),
-            Ok(Some(hint)) => route = router::hint::apply_hint(route, &hint, &analysis, map),
-            Ok(None) => {}
+            Ok(hint) => hint,
+        };
+        if let Some(hint) = &hint {
+            route = router::hint::apply_hint(route, hint, &analysis, map);
         }
+        let read = self.read_policy(&analysis, hint.as_ref());
+        self.statement_writes =
+            !analysis.replica_safe_with(&self.shared.config.replicas.safe_functions);
         if let Some(shard) = self.forced_shard {
             // Like a hint: it decides what the keys leave open, and a key
             // that says otherwise is refused rather than overruled.
@@ -371,7 +552,7 @@ impl Session {
         }
         let shards: Vec<ShardId> = match route {
             Route::Refused(why) => return Decision::Refuse(why),
-            Route::Shard(shard) => return Decision::Run(shard),
+            Route::Shard(shard) => return Decision::Run(shard, read),
             Route::Home => {
                 // Inside a transaction on another shard, a statement that
                 // touches no table at all (COMMIT, SELECT now(), SET LOCAL)
@@ -380,10 +561,10 @@ impl Session {
                     let tableless = analysis.kind == StatementKind::Transaction
                         || router::referenced_tables(sql).is_some_and(|t| t.is_empty());
                     if current != ShardMap::HOME && tableless {
-                        return Decision::Run(current);
+                        return Decision::Run(current, read);
                     }
                 }
-                return Decision::Run(ShardMap::HOME);
+                return Decision::Run(ShardMap::HOME, read);
             }
             Route::Shards(set) => set.into_iter().collect(),
             Route::Every => map.shards.keys().copied().collect(),
@@ -433,6 +614,27 @@ impl Session {
         }
     }
 
+    /// Whether a statement may run on a replica, and by which policy: a
+    /// replica-safe read (see `router::Analysis`), outside a transaction or
+    /// in one begun READ ONLY that has not run anything yet, unless the
+    /// session or a hint says primary.
+    fn read_policy(
+        &self,
+        analysis: &router::Analysis,
+        hint: Option<&router::hint::Hint>,
+    ) -> Option<ReadFrom> {
+        let read_from = match hint {
+            Some(router::hint::Hint::Primary) => return None,
+            Some(router::hint::Hint::Replica) => ReadFrom::Replica,
+            _ => self.read_from,
+        };
+        let fresh_transaction = self.mode == crate::config::PoolMode::Transaction
+            && (self.txn_status == TransactionStatus::Idle
+                || (self.deferred_begin.is_some() && self.begin_read_only));
+        let safe = analysis.replica_safe_with(&self.shared.config.replicas.safe_functions);
+        (read_from != ReadFrom::Primary && fresh_transaction && safe).then_some(read_from)
+    }
+
     /// DDL on sharded tables: the statements for each shard. A CREATE TABLE
     /// of a declared table becomes its hash-partitioned layout there.
     fn ddl_statements(
@@ -464,16 +666,32 @@ impl Session {
         Decision::Broadcast(statements)
     }
 
-    async fn on_query_routed(&mut self, frame: &Frame, map: &Arc<ShardMap>) -> Result<()> {
+    pub(super) async fn on_query_routed(
+        &mut self,
+        frame: &Frame,
+        map: &Arc<ShardMap>,
+    ) -> Result<()> {
         let text = frontend::query_text(frame.body())?;
         // A simple Query ends the unnamed statement, on the server as here.
         self.unnamed = None;
+        self.statement_writes = true; // until the analysis says otherwise
         if !self.pending.is_empty() && self.server.is_some() {
             self.settle().await?;
         }
         let Ok(sql) = std::str::from_utf8(text) else {
-            return self.run_query_on(ShardMap::HOME, frame, map).await;
+            return self.run_query_on(ShardMap::HOME, None, frame, map).await;
         };
+        if let Some(setting) = read_from_setting(sql) {
+            return match setting {
+                Ok(read_from) => {
+                    self.read_from = read_from.unwrap_or(self.shared.config.replicas.read_from);
+                    rows::encode_command_complete(&mut self.cout, b"SET");
+                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                    Ok(())
+                }
+                Err(why) => self.fail(Error::Refused(why), frontend::QUERY).await,
+            };
+        }
         if let Some(setting) = shard_setting(sql) {
             return match setting {
                 Ok(shard) => {
@@ -489,6 +707,7 @@ impl Session {
             match (txn_word(sql), self.txn_status, &self.deferred_begin) {
                 (TxnWord::Begin, TransactionStatus::Idle, _) if router::parses(sql) => {
                     self.deferred_begin = Some(frame.clone().into_bytes());
+                    self.begin_read_only = router::begin_read_only(sql);
                     self.txn_status = TransactionStatus::InTransaction;
                     rows::encode_command_complete(&mut self.cout, b"BEGIN");
                     backend::encode_ready_for_query(&mut self.cout, self.txn_status);
@@ -511,7 +730,7 @@ impl Session {
             }
         }
         let (shards, job) = match self.decide(sql, map, router::Params::default()) {
-            Decision::Run(shard) => return self.run_query_on(shard, frame, map).await,
+            Decision::Run(shard, read) => return self.run_query_on(shard, read, frame, map).await,
             Decision::Refuse(why) => return self.fail(Error::Refused(why), frontend::QUERY).await,
             multi => match multi_job(multi, sql, map) {
                 Ok(job) => job,
@@ -536,9 +755,29 @@ impl Session {
         self.after_multi(result)
     }
 
-    async fn run_query_on(&mut self, shard: ShardId, frame: &Frame, map: &ShardMap) -> Result<()> {
-        if let Err(e) = self.attach(shard, map).await {
+    async fn run_query_on(
+        &mut self,
+        shard: ShardId,
+        read: Option<ReadFrom>,
+        frame: &Frame,
+        map: &ShardMap,
+    ) -> Result<()> {
+        if let Err(e) = self.attach(shard, map, read).await {
             return self.fail(e, frontend::QUERY).await;
+        }
+        let on_replica = self
+            .server_hold
+            .as_ref()
+            .is_some_and(|h| !h.node().map_primary);
+        if on_replica && self.pending.is_empty() && self.deferred_begin.is_none() {
+            // Nothing else in flight: if the replica fails before a reply
+            // reaches the client, the query can go elsewhere.
+            let attempts = self.retry.take().map_or(0, |r| r.attempts);
+            self.retry = Some(Retry {
+                frame: frame.clone(),
+                shard,
+                attempts,
+            });
         }
         self.start_deferred_transaction();
         let effects = self.effects_of(frontend::query_text(frame.body())?);
@@ -641,6 +880,7 @@ impl Session {
 
     async fn on_bind_routed(&mut self, frame: &Frame, map: &Arc<ShardMap>) -> Result<()> {
         let bind = Bind::decode(frame.body())?;
+        self.statement_writes = true; // until the analysis says otherwise
         let statement = if bind.statement.is_empty() {
             self.unnamed.as_ref()
         } else {
@@ -648,15 +888,14 @@ impl Session {
         };
         let Some(statement) = statement else {
             // Unknown to us: the server reports it, wherever it runs.
-            let shard = self.server_shard.unwrap_or(ShardMap::HOME);
-            if let Err(e) = self.attach(shard, map).await {
+            if let Err(e) = self.attach_current(map).await {
                 return self.fail(e, frontend::BIND).await;
             }
             return self.on_bind(frame);
         };
         let definition = statement.definition.clone();
         let Ok(sql) = std::str::from_utf8(definition_sql(&definition)) else {
-            return self.bind_on(ShardMap::HOME, frame, &bind, map).await;
+            return self.bind_on(ShardMap::HOME, None, frame, &bind, map).await;
         };
         if bind.portal.is_empty() && self.bind_locally(sql) {
             return Ok(());
@@ -667,7 +906,9 @@ impl Session {
             formats: &params.formats,
         };
         let (shards, job) = match self.decide(sql, map, route_params) {
-            Decision::Run(shard) => return self.bind_on(shard, frame, &bind, map).await,
+            Decision::Run(shard, read) => {
+                return self.bind_on(shard, read, frame, &bind, map).await
+            }
             Decision::Refuse(why) => return self.fail(Error::Refused(why), frontend::BIND).await,
             multi => match multi_job(multi, sql, map) {
                 Ok(job) => job,
@@ -687,11 +928,12 @@ impl Session {
     async fn bind_on(
         &mut self,
         shard: ShardId,
+        read: Option<ReadFrom>,
         frame: &Frame,
         bind: &Bind<'_>,
         map: &ShardMap,
     ) -> Result<()> {
-        if let Err(e) = self.attach(shard, map).await {
+        if let Err(e) = self.attach(shard, map, read).await {
             return self.fail(e, frontend::BIND).await;
         }
         self.start_deferred_transaction();
@@ -710,6 +952,7 @@ impl Session {
         }
         let tag = match (txn_word(sql), self.txn_status, &self.deferred_begin) {
             (TxnWord::Begin, TransactionStatus::Idle, _) if router::parses(sql) => {
+                self.begin_read_only = router::begin_read_only(sql);
                 let mut query = bytes::BytesMut::new();
                 frontend::encode_query(&mut query, sql.as_bytes());
                 self.deferred_begin = Some(query.freeze());
@@ -958,7 +1201,7 @@ impl Session {
                 let Some(map) = self.routing_map() else {
                     return Ok(false);
                 };
-                if let Err(e) = self.attach(ShardMap::HOME, &map).await {
+                if let Err(e) = self.attach(ShardMap::HOME, &map, None).await {
                     return self.fail(e, frontend::BIND).await.map(|()| true);
                 }
                 let bind = Bind::decode(frame.body())?;
@@ -991,12 +1234,7 @@ impl Session {
     /// Ends a locally aborted transaction: dropping the server connection
     /// makes PostgreSQL roll back whatever ran before the refusal.
     fn end_aborted(&mut self) {
-        if let Some(mut conn) = self.server.take() {
-            conn.broken = true;
-        }
-        self.server_shard = None;
-        *self.cancel_target.lock().expect("lock poisoned") = None;
-        self.pending.clear();
+        self.drop_server();
         self.deferred_begin = None;
         self.aborted_locally = false;
         self.txn_status = TransactionStatus::Idle;
@@ -1023,7 +1261,7 @@ fn multi_job(decision: Decision, sql: &str, map: &ShardMap) -> Result<(Vec<Shard
             map.shards.keys().copied().collect(),
             MultiJob::CopyIn(analysis),
         ),
-        Decision::Run(_) | Decision::Refuse(_) => {
+        Decision::Run(..) | Decision::Refuse(_) => {
             return Err(Error::Refused("not a statement for several shards".into()))
         }
     })
@@ -1079,6 +1317,19 @@ mod tests {
             Some(Ok(Some(ShardId(3))))
         );
         assert_eq!(shard_setting("RESET shardline.shard"), Some(Ok(None)));
+        assert_eq!(
+            read_from_setting("set shardline.read_from = 'Replica';"),
+            Some(Ok(Some(ReadFrom::Replica)))
+        );
+        assert_eq!(
+            read_from_setting("RESET shardline.read_from"),
+            Some(Ok(None))
+        );
+        assert!(matches!(
+            read_from_setting("SET shardline.read_from = x"),
+            Some(Err(_))
+        ));
+        assert_eq!(read_from_setting("SET shardline.shard = 1"), None);
         assert_eq!(
             shard_setting("SET shardline.shard TO DEFAULT"),
             Some(Ok(None))

@@ -1,0 +1,472 @@
+//! Backends: what this proxy knows about every server of the shard map (role,
+//! health, replication lag, load) and the choice of server for a statement.
+//!
+//! One monitor task per server keeps a connection of its own and asks, every
+//! `health_interval`, whether the server is in recovery and how far its WAL
+//! is (`pg_current_wal_lsn()` on a primary, `pg_last_wal_replay_lsn()` on a
+//! replica). A failed probe, or a failure a session reports, opens the
+//! server's circuit breaker: it gets no new work until a probe succeeds,
+//! and probes back off exponentially while it stays down.
+//!
+//! Lag in time comes from the primary's own history: each shard keeps the
+//! primary's recent (time, LSN) samples, and a replica that has replayed up
+//! to LSN `L` is as far behind as the oldest sample beyond `L` is old. The
+//! same samples give read-your-writes without a round trip: a primary LSN
+//! sampled after a commit was acknowledged is at or past that commit, so a
+//! replica that has replayed that far shows the write.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use router::{ShardId, ShardMap};
+use tokio::time::Instant;
+
+use crate::config::{ReadFrom, ReplicaConfig, Role};
+use crate::server::{ServerConn, ServerTarget};
+
+/// Primary LSN samples kept per shard: a few seconds at the default interval.
+const SAMPLES_MAX: usize = 256;
+
+/// One server of a shard.
+pub struct Node {
+    pub addr: String,
+    pub shard: ShardId,
+    /// Listed as the shard's primary in the map (as opposed to a replica).
+    pub map_primary: bool,
+    state: Mutex<NodeState>,
+    /// Server connections sessions hold on it right now.
+    outstanding: AtomicU32,
+}
+
+/// What the last probes said about a node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeState {
+    /// `pg_is_in_recovery()`; `None` until a probe succeeds.
+    pub in_recovery: Option<bool>,
+    /// Current WAL position (primary) or replayed position (replica).
+    pub lsn: u64,
+    /// When the probe that read `lsn` was sent.
+    pub sampled_at: Option<Instant>,
+    /// Open breaker: no new work before this instant (and until a probe succeeds).
+    pub open_until: Option<Instant>,
+    pub backoff: Duration,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
+impl Node {
+    pub fn state(&self) -> NodeState {
+        self.state.lock().expect("lock poisoned").clone()
+    }
+
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Whether the breaker lets new work through.
+    fn is_closed(state: &NodeState) -> bool {
+        state.open_until.is_none()
+    }
+
+    /// A session (or a probe) failed on this node: take it out of rotation.
+    pub fn report_failure(&self, reason: &str, settings: &ReplicaConfig) {
+        let mut s = self.state.lock().expect("lock poisoned");
+        s.consecutive_failures += 1;
+        s.backoff = if s.open_until.is_none() {
+            settings.breaker_backoff_min
+        } else {
+            (s.backoff * 2).min(settings.breaker_backoff_max)
+        };
+        s.open_until = Some(Instant::now() + s.backoff);
+        if s.last_error.as_deref() != Some(reason) {
+            tracing::warn!(shard = %self.shard, addr = %self.addr, %reason, "server taken out of rotation");
+        }
+        s.last_error = Some(reason.to_owned());
+    }
+
+    fn record_probe(&self, in_recovery: bool, lsn: u64, sent: Instant) {
+        let mut s = self.state.lock().expect("lock poisoned");
+        if s.open_until.is_some() {
+            tracing::info!(shard = %self.shard, addr = %self.addr, "server back in rotation");
+        }
+        s.in_recovery = Some(in_recovery);
+        s.lsn = lsn;
+        s.sampled_at = Some(sent);
+        s.open_until = None;
+        s.consecutive_failures = 0;
+        s.last_error = None;
+    }
+
+    /// Counts a server connection a session holds until the guard drops.
+    pub fn hold(self: &Arc<Self>) -> Hold {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        Hold(self.clone())
+    }
+}
+
+/// One outstanding request on a node.
+pub struct Hold(Arc<Node>);
+
+impl Hold {
+    pub fn node(&self) -> &Arc<Node> {
+        &self.0
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The servers of one shard, as of one map.
+pub struct ShardNodes {
+    pub id: ShardId,
+    /// The map's primary first, then its replicas.
+    pub nodes: Vec<Arc<Node>>,
+    /// (probe send time, LSN) of whichever node answered as a primary.
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+impl ShardNodes {
+    fn push_sample(&self, at: Instant, lsn: u64) {
+        let mut samples = self.samples.lock().expect("lock poisoned");
+        if samples.len() == SAMPLES_MAX {
+            samples.pop_front();
+        }
+        samples.push_back((at, lsn));
+    }
+
+    /// The primary's latest sampled LSN.
+    #[cfg(test)]
+    fn primary_lsn(&self) -> Option<u64> {
+        self.samples
+            .lock()
+            .expect("lock poisoned")
+            .back()
+            .map(|s| s.1)
+    }
+
+    /// How far a replica that replayed to `lsn` (as read at `at`) is behind:
+    /// bytes behind the primary's latest sample, and the age (at `at`) of the
+    /// oldest primary sample it has not replayed yet.
+    pub fn lag_of(&self, lsn: u64, at: Instant) -> (u64, Duration) {
+        let samples = self.samples.lock().expect("lock poisoned");
+        let latest = samples.back().map_or(lsn, |s| s.1);
+        let bytes = latest.saturating_sub(lsn);
+        let time = samples
+            .iter()
+            .find(|(_, primary)| *primary > lsn)
+            .map_or(Duration::ZERO, |(t, _)| at.saturating_duration_since(*t));
+        (bytes, time)
+    }
+
+    /// The LSN of the first primary sample sent after `after`: at or past
+    /// every commit acknowledged before `after`.
+    pub fn primary_lsn_after(&self, after: Instant) -> Option<u64> {
+        let samples = self.samples.lock().expect("lock poisoned");
+        samples.iter().find(|(t, _)| *t > after).map(|s| s.1)
+    }
+
+    pub fn has_replicas(&self) -> bool {
+        self.nodes.len() > 1
+    }
+}
+
+/// Why a shard cannot take a statement right now.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    pub shard: ShardId,
+    pub reason: String,
+}
+
+/// Every server of every shard, and the policy for choosing among them.
+pub struct Backends {
+    pub settings: ReplicaConfig,
+    shards: RwLock<HashMap<ShardId, Arc<ShardNodes>>>,
+    /// How monitors log in; `None` without a database to log in to.
+    probe_target: Option<ServerTarget>,
+    round_robin: AtomicU32,
+}
+
+impl Backends {
+    pub fn new(settings: ReplicaConfig, probe_target: Option<ServerTarget>) -> Backends {
+        Backends {
+            settings,
+            shards: RwLock::default(),
+            probe_target,
+            round_robin: AtomicU32::new(0),
+        }
+    }
+
+    /// The servers of `shard`, following `map` (monitors start for servers
+    /// the map added; those it dropped are forgotten and their monitors stop).
+    pub fn shard(&self, shard: ShardId, map: &ShardMap) -> Option<Arc<ShardNodes>> {
+        let s = map.shards.get(&shard)?;
+        let current = self
+            .shards
+            .read()
+            .expect("lock poisoned")
+            .get(&shard)
+            .cloned();
+        if let Some(nodes) = &current {
+            let same = nodes.nodes.len() == 1 + s.replicas.len()
+                && nodes.nodes[0].addr == s.primary
+                && nodes.nodes[1..]
+                    .iter()
+                    .zip(&s.replicas)
+                    .all(|(n, r)| n.addr == *r);
+            if same {
+                return current;
+            }
+        }
+        let make = |addr: &str, map_primary: bool| {
+            // Keep what is known about a server that stays in the shard.
+            let state = current
+                .as_ref()
+                .and_then(|c| c.nodes.iter().find(|n| n.addr == addr))
+                .map(|n| n.state())
+                .unwrap_or_default();
+            Arc::new(Node {
+                addr: addr.to_owned(),
+                shard,
+                map_primary,
+                state: Mutex::new(state),
+                outstanding: AtomicU32::new(0),
+            })
+        };
+        let mut nodes = vec![make(&s.primary, true)];
+        nodes.extend(s.replicas.iter().map(|r| make(r, false)));
+        let shard_nodes = Arc::new(ShardNodes {
+            id: shard,
+            nodes,
+            samples: Mutex::default(),
+        });
+        self.shards
+            .write()
+            .expect("lock poisoned")
+            .insert(shard, shard_nodes.clone());
+        if shard_nodes.has_replicas() || self.settings.role == Role::Auto {
+            for node in &shard_nodes.nodes {
+                self.spawn_monitor(&shard_nodes, node);
+            }
+        }
+        Some(shard_nodes)
+    }
+
+    /// Every shard known, for `admin shards`.
+    pub fn all(&self) -> Vec<Arc<ShardNodes>> {
+        let mut all: Vec<_> = self
+            .shards
+            .read()
+            .expect("lock poisoned")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by_key(|s| s.id);
+        all
+    }
+
+    /// The server that takes writes: the map's primary, or with `role =
+    /// "auto"` whichever server answers that it is not in recovery (a
+    /// promoted replica) when the map's primary is down or in recovery.
+    pub fn primary(&self, nodes: &ShardNodes) -> Result<Arc<Node>, Unavailable> {
+        let map_primary = &nodes.nodes[0];
+        let state = map_primary.state();
+        if self.settings.role == Role::Auto
+            && (state.in_recovery == Some(true) || !Node::is_closed(&state))
+        {
+            let promoted = nodes.nodes[1..].iter().find(|n| {
+                let s = n.state();
+                s.in_recovery == Some(false) && Node::is_closed(&s)
+            });
+            if let Some(node) = promoted {
+                return Ok(node.clone());
+            }
+        }
+        if !Node::is_closed(&state) {
+            return Err(Unavailable {
+                shard: nodes.id,
+                reason: state
+                    .last_error
+                    .unwrap_or_else(|| "it failed recently".to_owned()),
+            });
+        }
+        Ok(map_primary.clone())
+    }
+
+    /// A replica for a read, or `None` (use the primary): healthy, in
+    /// recovery, within `max_replica_lag` (unless `read_from = replica`), and
+    /// replayed to `min_lsn`; the one with the fewest outstanding requests.
+    pub fn replica(
+        &self,
+        nodes: &ShardNodes,
+        read_from: ReadFrom,
+        min_lsn: Option<u64>,
+    ) -> Option<Arc<Node>> {
+        if read_from == ReadFrom::Primary || !nodes.has_replicas() {
+            return None;
+        }
+        let stale_after = self.settings.health_interval * 5 + Duration::from_millis(500);
+        let now = Instant::now();
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed) as usize;
+        let count = nodes.nodes.len();
+        (0..count)
+            .map(|i| &nodes.nodes[(start + i) % count])
+            .filter(|node| {
+                let s = node.state();
+                let Some(at) = s.sampled_at else { return false };
+                if s.in_recovery != Some(true)
+                    || !Node::is_closed(&s)
+                    || now.saturating_duration_since(at) > stale_after
+                {
+                    return false;
+                }
+                if min_lsn.is_some_and(|min| s.lsn < min) {
+                    return false;
+                }
+                if read_from == ReadFrom::Replica {
+                    return true;
+                }
+                let (bytes, time) = nodes.lag_of(s.lsn, at);
+                bytes <= self.settings.max_replica_lag_bytes
+                    && time <= self.settings.max_replica_lag
+            })
+            .min_by_key(|node| node.outstanding())
+            .cloned()
+    }
+
+    fn spawn_monitor(&self, shard: &Arc<ShardNodes>, node: &Arc<Node>) {
+        let Some(target) = self.probe_target.clone() else {
+            return;
+        };
+        let Some((host, port)) = node
+            .addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+        else {
+            return;
+        };
+        let target = ServerTarget {
+            host,
+            port,
+            ..target
+        };
+        let shard = Arc::downgrade(shard);
+        let node = Arc::downgrade(node);
+        let settings = self.settings.clone();
+        tokio::spawn(monitor(shard, node, target, settings));
+    }
+}
+
+/// Probes one node until the map drops it.
+async fn monitor(
+    shard: Weak<ShardNodes>,
+    node: Weak<Node>,
+    target: ServerTarget,
+    settings: ReplicaConfig,
+) {
+    let mut conn: Option<ServerConn> = None;
+    let mut tick = tokio::time::interval(settings.health_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (Some(shard), Some(node)) = (shard.upgrade(), node.upgrade()) else {
+            return;
+        };
+        let open_until = node.state.lock().expect("lock poisoned").open_until;
+        if let Some(until) = open_until {
+            if conn.is_none() && Instant::now() < until {
+                continue; // backing off
+            }
+        }
+        let sent = Instant::now();
+        match probe(&mut conn, &target, settings.health_interval).await {
+            Ok((in_recovery, lsn)) => {
+                node.record_probe(in_recovery, lsn, sent);
+                if !in_recovery {
+                    shard.push_sample(sent, lsn);
+                }
+            }
+            Err(reason) => {
+                conn = None;
+                node.report_failure(&reason, &settings);
+            }
+        }
+    }
+}
+
+const PROBE_SQL: &str = "SELECT pg_is_in_recovery()::text || ' ' || \
+     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text";
+
+/// One probe on the monitor's own connection (made first if needed).
+async fn probe(
+    conn: &mut Option<ServerConn>,
+    target: &ServerTarget,
+    interval: Duration,
+) -> Result<(bool, u64), String> {
+    if conn.is_none() {
+        *conn = Some(
+            ServerConn::connect(target, 0)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let c = conn.as_mut().expect("connected above");
+    // A server that does not answer within a few intervals counts as down.
+    let limit = (interval * 20).max(Duration::from_secs(1));
+    let answer = tokio::time::timeout(limit, c.query_value(PROBE_SQL, target.message_bytes_max))
+        .await
+        .map_err(|_| format!("no answer to a health probe within {limit:?}"))?
+        .map_err(|e| e.to_string())?
+        .ok_or("the health probe returned no row")?;
+    let (recovery, lsn) = answer
+        .split_once(' ')
+        .ok_or_else(|| format!("unexpected health probe answer {answer:?}"))?;
+    // A replica that has not replayed anything yet reports NULL: position 0.
+    Ok((recovery == "true", parse_lsn(lsn).unwrap_or(0)))
+}
+
+/// A `pg_lsn` in its text form `X/Y`.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_parses() {
+        assert_eq!(parse_lsn("0/16B3748"), Some(0x16B3748));
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        assert_eq!(parse_lsn("junk"), None);
+    }
+
+    #[tokio::test]
+    async fn lag_comes_from_the_primary_history() {
+        let shard = ShardNodes {
+            id: ShardId(0),
+            nodes: vec![],
+            samples: Mutex::default(),
+        };
+        let t0 = Instant::now();
+        for i in 0..10u64 {
+            shard.push_sample(t0 + Duration::from_millis(100 * i), 1000 * i);
+        }
+        let at = t0 + Duration::from_millis(1000);
+        // Replayed everything: no lag.
+        assert_eq!(shard.lag_of(9000, at), (0, Duration::ZERO));
+        // Missing what the primary had at 500ms (5000) and later.
+        assert_eq!(shard.lag_of(4500, at), (4500, Duration::from_millis(500)));
+        assert_eq!(
+            shard.primary_lsn_after(t0 + Duration::from_millis(250)),
+            Some(3000)
+        );
+        assert_eq!(shard.primary_lsn_after(t0 + Duration::from_secs(5)), None);
+        assert_eq!(shard.primary_lsn(), Some(9000));
+    }
+}

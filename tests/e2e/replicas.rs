@@ -1,0 +1,372 @@
+//! Read routing to streaming replicas, against a real primary and replica:
+//! reads land on the replica, writes and write transactions on the primary,
+//! a session reads its own writes, a lagging replica gets no reads, a dead
+//! primary fails writes fast and a promoted replica takes the writes.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use metadata::client::MetaClient;
+use metadata::node::{MetaNode, NodeConfig};
+use metadata::Command;
+use router::ShardId;
+use testkit::Cluster;
+use tokio::sync::oneshot;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::harness::{connect, eventually, sqlstate, start_proxy, Options, APP_PASSWORD};
+
+/// One shard: a primary and one streaming replica, behind a proxy that
+/// follows a one-node metadata group.
+struct ReplicaEnv {
+    primary: Cluster,
+    replica: Cluster,
+    addr: SocketAddr,
+    _node: MetaNode,
+    _stop: oneshot::Sender<()>,
+    _meta_dir: tempfile::TempDir,
+}
+
+impl ReplicaEnv {
+    /// `replica_settings` go on the replica's command line; `replicas` is the
+    /// body of the proxy's `[replicas]` section.
+    async fn start(replica_settings: &[(&str, &str)], replicas: &str) -> ReplicaEnv {
+        let primary = tokio::task::spawn_blocking(|| {
+            Cluster::builder().setting("max_connections", "100").start()
+        })
+        .await
+        .expect("join")
+        .expect("primary starts");
+        let primary_client = primary.connect().await.expect("primary");
+        primary_client
+            .batch_execute(
+                "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL);
+                 INSERT INTO t SELECT i, 0 FROM generate_series(1, 100) i;",
+            )
+            .await
+            .expect("table");
+        let mut builder = primary.replica();
+        for (name, value) in replica_settings {
+            builder = builder.setting(*name, *value);
+        }
+        let replica = tokio::task::spawn_blocking(move || builder.start())
+            .await
+            .expect("join")
+            .expect("replica starts");
+
+        let meta_dir = tempfile::tempdir().expect("tempdir");
+        let node = MetaNode::start(NodeConfig::new(
+            1,
+            "127.0.0.1:0".parse().expect("addr"),
+            meta_dir.path().to_path_buf(),
+        ))
+        .await
+        .expect("metadata node starts");
+        node.initialize_if_new().await.expect("initialize");
+        let meta = MetaClient::new(vec![node.addr().to_owned()]);
+        let applied = meta
+            .propose(Command::AddShard {
+                id: ShardId(0),
+                primary: format!("127.0.0.1:{}", primary.port()),
+                replicas: vec![format!("127.0.0.1:{}", replica.port())],
+            })
+            .await
+            .expect("add shard");
+        assert_eq!(applied.refused, None);
+
+        let options = Options {
+            proxy_extra: "connect_timeout = \"2s\"\ncheckout_timeout = \"3s\"".into(),
+            ..Options::default()
+        };
+        let config = format!(
+            r#"
+{proxy}
+[[users]]
+name = "app"
+password = "{APP_PASSWORD}"
+
+[[databases]]
+name = "db"
+port = {port}
+dbname = "postgres"
+server_user = "postgres"
+server_password = "postgres"
+
+[metadata]
+endpoints = ["{meta}"]
+
+[replicas]
+{replicas}
+"#,
+            proxy = options.proxy_section(),
+            port = primary.port(),
+            meta = node.addr(),
+        );
+        let (addr, stop) = start_proxy(&config).await;
+        let env = ReplicaEnv {
+            primary,
+            replica,
+            addr,
+            _node: node,
+            _stop: stop,
+            _meta_dir: meta_dir,
+        };
+        // The proxy has the map and has seen the replica healthy.
+        let client = env.client().await;
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                in_recovery(&client, "SELECT pg_is_in_recovery()").await == Some(true)
+            })
+            .await,
+            "reads never reached the replica"
+        );
+        env
+    }
+
+    async fn client(&self) -> Client {
+        connect(self.addr, "app", APP_PASSWORD, "db")
+            .await
+            .expect("connect through the proxy")
+    }
+}
+
+/// The first column of the first row of `sql` (simple protocol), as a bool.
+async fn in_recovery(client: &Client, sql: &str) -> Option<bool> {
+    let messages = client.simple_query(sql).await.ok()?;
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0).map(|v| v == "t"),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_replica_and_writes_to_the_primary() {
+    let env = ReplicaEnv::start(&[], "").await;
+    let client = env.client().await;
+
+    // Act + assert: where each kind of statement ran.
+    let plain = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    assert!(
+        plain.get::<_, bool>(0),
+        "a plain read (extended protocol) runs on the replica"
+    );
+    assert_eq!(
+        in_recovery(&client, "SELECT pg_is_in_recovery()").await,
+        Some(true)
+    );
+    let in_write_txn = in_recovery(&client, "BEGIN; SELECT pg_is_in_recovery(); COMMIT").await;
+    assert_eq!(
+        in_write_txn,
+        Some(false),
+        "a transaction block runs on the primary"
+    );
+    client.batch_execute("BEGIN").await.unwrap();
+    let in_txn = in_recovery(&client, "SELECT pg_is_in_recovery()").await;
+    assert_eq!(
+        in_txn,
+        Some(false),
+        "a read inside BEGIN runs on the primary"
+    );
+    client.batch_execute("COMMIT").await.unwrap();
+    let hinted = "/* shardline: primary */ SELECT pg_is_in_recovery()";
+    assert_eq!(in_recovery(&client, hinted).await, Some(false));
+    let locking = "SELECT pg_is_in_recovery() FROM t WHERE id = 1 FOR UPDATE";
+    assert_eq!(in_recovery(&client, locking).await, Some(false));
+    assert_eq!(
+        in_recovery(&client, "SELECT pg_is_in_recovery(), nextval('t_seq')").await,
+        None,
+        "nextval goes to the primary (where this sequence does not exist either)"
+    );
+    client
+        .batch_execute("SET shardline.read_from = primary")
+        .await
+        .unwrap();
+    assert_eq!(
+        in_recovery(&client, "SELECT pg_is_in_recovery()").await,
+        Some(false)
+    );
+    client
+        .batch_execute("RESET shardline.read_from")
+        .await
+        .unwrap();
+    // A write runs on the primary and reaches the replica by replication.
+    client
+        .execute("UPDATE t SET v = 7 WHERE id = 2", &[])
+        .await
+        .unwrap();
+    let replica = env.replica.connect().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let row = replica
+                .query_one("SELECT v FROM t WHERE id = 2", &[])
+                .await
+                .unwrap();
+            row.get::<_, i32>(0) == 7
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_reads_its_own_writes_from_a_delayed_replica() {
+    // Arrange: the replica applies commits half a second late.
+    let env = ReplicaEnv::start(&[("recovery_min_apply_delay", "500ms")], "").await;
+    let writer = env.client().await;
+    let bystander = env.client().await;
+
+    // Act: write, then read back in the same session, 1,000 times.
+    for i in 1..=1000 {
+        writer
+            .simple_query(&format!("UPDATE t SET v = {i} WHERE id = 1"))
+            .await
+            .unwrap();
+        let messages = writer
+            .simple_query("SELECT v FROM t WHERE id = 1")
+            .await
+            .unwrap();
+        let seen = messages.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        });
+        // Assert: every read shows the write before it.
+        assert_eq!(
+            seen.as_deref(),
+            Some(i.to_string().as_str()),
+            "iteration {i}"
+        );
+    }
+    // A session that wrote nothing still reads from the replica.
+    assert_eq!(
+        in_recovery(&bystander, "SELECT pg_is_in_recovery()").await,
+        Some(true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_gets_no_reads() {
+    // Arrange: the replica applies commits 2 s late; 300 ms is the limit.
+    let env = ReplicaEnv::start(
+        &[("recovery_min_apply_delay", "2s")],
+        "max_replica_lag = \"300ms\"",
+    )
+    .await;
+    let writes = tokio::spawn({
+        let writer = env.primary.connect().await.unwrap();
+        async move {
+            for i in 0..60 {
+                writer
+                    .execute("UPDATE t SET v = $1 WHERE id = 3", &[&i])
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // Act + assert: while the writes go on, reads from a fresh session (which
+    // wrote nothing) are served by the primary.
+    let reader = env.client().await;
+    for _ in 0..20 {
+        let on_replica = in_recovery(&reader, "SELECT pg_is_in_recovery()").await;
+        assert_eq!(
+            on_replica,
+            Some(false),
+            "a read went to the lagging replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    writes.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_primary_fails_writes_fast_and_reads_go_on() {
+    let mut env = ReplicaEnv::start(&[], "").await;
+    let client = env.client().await;
+    client
+        .execute("UPDATE t SET v = 1 WHERE id = 4", &[])
+        .await
+        .unwrap();
+
+    // Act: the primary stops.
+    tokio::task::block_in_place(|| env.primary.stop());
+
+    // Assert: writes fail fast with 57P03 naming the shard; reads carry on.
+    let writer = env.client().await;
+    let started = Instant::now();
+    let e = writer
+        .execute("UPDATE t SET v = 2 WHERE id = 4", &[])
+        .await
+        .expect_err("no primary to write to");
+    let took = started.elapsed();
+    assert!(
+        ["57P03", "08006"].contains(&sqlstate(&e).as_str()),
+        "{}: {e}",
+        sqlstate(&e)
+    );
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("shard 0"), "{message}");
+    assert!(
+        took < Duration::from_secs(3),
+        "the write took {took:?} to fail"
+    );
+    let reader = env.client().await;
+    assert_eq!(
+        in_recovery(&reader, "SELECT pg_is_in_recovery()").await,
+        Some(true)
+    );
+    let row = reader
+        .query_one("SELECT v FROM t WHERE id = 4", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+
+    // The primary comes back: writes succeed again, same proxy.
+    tokio::task::block_in_place(|| env.primary.restart()).expect("restart");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            writer
+                .execute("UPDATE t SET v = 3 WHERE id = 4", &[])
+                .await
+                .is_ok()
+        })
+        .await,
+        "writes did not resume"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_replica_takes_the_writes() {
+    let mut env = ReplicaEnv::start(&[], "").await;
+
+    // Act: the primary stops and the replica is promoted.
+    tokio::task::block_in_place(|| env.primary.stop());
+    env.replica.promote().expect("promote");
+
+    // Assert: writes reach the promoted server without a proxy restart.
+    let client = env.client().await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            client
+                .execute("UPDATE t SET v = 9 WHERE id = 5", &[])
+                .await
+                .is_ok()
+        })
+        .await,
+        "writes never reached the promoted replica"
+    );
+    let in_txn = in_recovery(&client, "BEGIN; SELECT pg_is_in_recovery(); COMMIT").await;
+    assert_eq!(in_txn, Some(false));
+    let direct = env.replica.connect().await.unwrap();
+    let row = direct
+        .query_one("SELECT v FROM t WHERE id = 5", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 9);
+}
