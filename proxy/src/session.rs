@@ -111,6 +111,8 @@ pub struct Session {
     /// A simple-Query read sent to a replica, kept until its first reply
     /// reaches the client, so it can be sent elsewhere if the replica fails.
     retry: Option<Retry>,
+    /// The reply so far to the read in `retry` (its RowDescription).
+    held_reply: BytesMut,
     /// Counts server connections attached, so that per-connection facts
     /// (the unnamed statement is there) can tell which connection they hold for.
     attach_count: u64,
@@ -208,6 +210,7 @@ impl Session {
             txn_wrote: false,
             last_writes: HashMap::new(),
             retry: None,
+            held_reply: BytesMut::new(),
             attach_count: 0,
             unnamed: None,
             unnamed_sent_on: None,
@@ -345,6 +348,7 @@ impl Session {
         }
         self.drop_server();
         self.sout.clear();
+        self.held_reply.clear();
         let frame = retry.frame.clone();
         self.retry = Some(Retry {
             attempts: retry.attempts + 1,
@@ -928,6 +932,24 @@ impl Session {
             // Replies are looked at in place and copied out; nothing is
             // allocated or reference-counted per message.
             let tag = header.tag;
+            if tag == backend::ERROR_RESPONSE && self.pending.is_empty() {
+                // Nothing is owed, so this is no reply: the server is ending
+                // the connection (shutting down, or terminated by an admin).
+                // Between transactions the client need not know; inside
+                // one, its transaction is gone, as it would be on PostgreSQL.
+                conn.broken = true;
+                let fields = backend::ErrorFields::decode(&conn.buf[wire::HEADER_LEN..frame_len])?;
+                let message = String::from_utf8_lossy(fields.message).into_owned();
+                if self.server_in_transaction() {
+                    return Err(Error::ServerIo(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        message,
+                    )));
+                }
+                tracing::debug!(%message, "server ended an idle connection");
+                self.drop_server();
+                return Ok(());
+            }
             if tag == backend::COMMAND_COMPLETE
                 && (self.pending.head_has_effects() || !self.txn_effects.is_empty())
             {
@@ -945,6 +967,7 @@ impl Session {
                     "unexpected message 0x{tag:02x} from the server"
                 )));
             }
+            let mut hold = false;
             if d.forward && self.retry.is_some() {
                 if tag == backend::ERROR_RESPONSE
                     && server_going_away(&conn.buf[wire::HEADER_LEN..frame_len])
@@ -956,10 +979,21 @@ impl Session {
                         "the server is shutting down",
                     )));
                 }
-                // Part of the reply reaches the client: no going back.
-                self.retry = None;
+                if tag == backend::ROW_DESCRIPTION {
+                    // PostgreSQL sends it before running the query: a
+                    // server that fails while running it can still be
+                    // replaced, so the client sees nothing yet.
+                    hold = true;
+                } else {
+                    // Rows (or the result) reach the client: no going back.
+                    self.retry = None;
+                    self.cout.extend_from_slice(&self.held_reply);
+                    self.held_reply.clear();
+                }
             }
-            if d.forward {
+            if hold {
+                self.held_reply.extend_from_slice(&conn.buf[..frame_len]);
+            } else if d.forward {
                 if tag == backend::READY_FOR_QUERY
                     && (self.deferred_begin.is_some() || self.aborted_locally)
                 {

@@ -1,9 +1,12 @@
 //! Read routing to streaming replicas, against a real primary and replica:
 //! reads land on the replica, writes and write transactions on the primary,
 //! a session reads its own writes, a lagging replica gets no reads, a dead
-//! primary fails writes fast and a promoted replica takes the writes.
+//! replica costs no client errors, a dead primary fails writes fast and a
+//! promoted replica takes the writes.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metadata::client::MetaClient;
@@ -171,6 +174,26 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
         "a read inside BEGIN runs on the primary"
     );
     client.batch_execute("COMMIT").await.unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    let row = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    assert!(
+        !row.get::<_, bool>(0),
+        "a read inside BEGIN (extended protocol) runs on the primary"
+    );
+    client.batch_execute("COMMIT").await.unwrap();
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let row = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    assert!(
+        row.get::<_, bool>(0),
+        "a READ ONLY transaction may run on the replica"
+    );
+    client.batch_execute("COMMIT").await.unwrap();
     let hinted = "/* shardline: primary */ SELECT pg_is_in_recovery()";
     assert_eq!(in_recovery(&client, hinted).await, Some(false));
     let locking = "SELECT pg_is_in_recovery() FROM t WHERE id = 1 FOR UPDATE";
@@ -280,6 +303,49 @@ async fn a_lagging_replica_gets_no_reads() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     writes.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replica_costs_readers_no_errors() {
+    let mut env = ReplicaEnv::start(&[], "").await;
+    let reads = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut readers = Vec::new();
+    for _ in 0..16 {
+        let client = env.client().await;
+        let reads = reads.clone();
+        readers.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                if let Err(e) = client.simple_query("SELECT count(*) FROM t").await {
+                    let message = e.as_db_error().map(|d| d.message().to_owned());
+                    return Some(format!("{}: {e} {message:?}", sqlstate(&e)));
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+            None
+        }));
+    }
+
+    // Act: the replica goes away under load.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = reads.load(Ordering::Relaxed);
+    tokio::task::block_in_place(|| env.replica.stop());
+
+    // Assert: no client saw an error, and reads went on.
+    let mut errors = Vec::new();
+    for reader in readers {
+        errors.extend(reader.await.unwrap());
+    }
+    assert_eq!(
+        errors,
+        Vec::<String>::new(),
+        "errors while the replica died"
+    );
+    let after = reads.load(Ordering::Relaxed) - before;
+    assert!(
+        before > 100 && after > 100,
+        "reads before {before}, after {after}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

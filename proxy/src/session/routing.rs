@@ -317,6 +317,7 @@ impl Session {
                 None => self.home_pool.clone(),
             };
             self.server_shard = Some(shard);
+            tracing::debug!(%shard, addr = node.as_ref().map(|n| n.addr.as_str()), ?read, "attaching");
             match self.ensure_server().await {
                 Ok(()) => self.server_hold = node.map(|n| n.hold()),
                 Err(e) => {
@@ -542,8 +543,9 @@ impl Session {
             route = router::hint::apply_hint(route, hint, &analysis, map);
         }
         let read = self.read_policy(&analysis, hint.as_ref());
-        self.statement_writes =
-            !analysis.replica_safe_with(&self.shared.config.replicas.safe_functions);
+        // Transaction control writes nothing itself; what ran inside did.
+        self.statement_writes = analysis.kind != StatementKind::Transaction
+            && !analysis.replica_safe_with(&self.shared.config.replicas.safe_functions);
         if let Some(shard) = self.forced_shard {
             // Like a hint: it decides what the keys leave open, and a key
             // that says otherwise is refused rather than overruled.
