@@ -24,6 +24,11 @@ pub struct AdminArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// A proxy's admin console, for what that proxy sees of the servers
+    /// (`postgres://USER:PASSWORD@HOST:PORT/shardline`, an admin user).
+    /// Without it, the proxy of the dev cluster in `--dir`.
+    #[arg(long, global = true)]
+    proxy: Option<String>,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -32,7 +37,8 @@ pub struct AdminArgs {
 enum AdminCommand {
     /// Members, leader, epoch and proxy leases.
     Status,
-    /// Shards and their addresses.
+    /// Shards and their addresses, and each server's role, health, lag and
+    /// breaker state as a proxy sees them.
     Shards,
     AddShard {
         #[arg(long)]
@@ -86,6 +92,57 @@ macro_rules! out {
         use std::io::Write as _;
         let _ = writeln!(std::io::stdout(), $($arg)*);
     }};
+}
+
+/// `SHOW SHARDS` from a proxy's admin console: the column names and the rows
+/// (NULL as an empty string).
+async fn proxy_servers(
+    url: Option<&str>,
+    dir: &Path,
+) -> anyhow::Result<(Vec<String>, Vec<Vec<String>>)> {
+    let config: tokio_postgres::Config = match url {
+        Some(url) => url.parse().context("--proxy is not a connection URL")?,
+        None => {
+            let text = std::fs::read_to_string(dir.join("shardline.toml"))
+                .context("no --proxy given and no dev proxy config found")?;
+            let config = proxy::Config::parse(&text)?;
+            let user = config
+                .users
+                .iter()
+                .find(|u| u.admin)
+                .context("the dev config has no admin user")?;
+            let mut c = tokio_postgres::Config::new();
+            c.host(config.proxy.listen.ip().to_string())
+                .port(config.proxy.listen.port())
+                .user(&user.name)
+                .password(user.password.clone().unwrap_or_default())
+                .dbname(proxy::admin::DATABASE);
+            c
+        }
+    };
+    let (client, connection) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        config.connect(tokio_postgres::NoTls),
+    )
+    .await
+    .context("timed out connecting to the proxy")?
+    .context("cannot reach the proxy's admin console")?;
+    tokio::spawn(connection);
+    let mut columns = Vec::new();
+    let mut rows = Vec::new();
+    for message in client.simple_query("SHOW SHARDS").await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+            if columns.is_empty() {
+                columns = row.columns().iter().map(|c| c.name().to_owned()).collect();
+            }
+            rows.push(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or_default().to_owned())
+                    .collect(),
+            );
+        }
+    }
+    Ok((columns, rows))
 }
 
 /// File in a dev directory holding the metadata node's address.
@@ -170,7 +227,23 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             let (state, _) = client.read().await?;
             let map = &state.map;
             if json {
-                return print_json(&json!(map.shards.values().map(|s| json!({"id": s.id.0, "primary": s.primary, "replicas": s.replicas, "partitions": map.partitions_owned(s.id)})).collect::<Vec<_>>()));
+                let servers = match proxy_servers(args.proxy.as_deref(), &args.dir).await {
+                    Ok((columns, rows)) => rows
+                        .into_iter()
+                        .map(|row| {
+                            columns
+                                .iter()
+                                .cloned()
+                                .zip(row.into_iter().map(serde_json::Value::String))
+                                .collect::<serde_json::Map<_, _>>()
+                        })
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                return print_json(&json!({
+                    "shards": map.shards.values().map(|s| json!({"id": s.id.0, "primary": s.primary, "replicas": s.replicas, "partitions": map.partitions_owned(s.id)})).collect::<Vec<_>>(),
+                    "servers": servers,
+                }));
             }
             let rows = map
                 .shards
@@ -185,6 +258,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 })
                 .collect();
             table(&["shard", "primary", "replicas", "partitions"], rows);
+            match proxy_servers(args.proxy.as_deref(), &args.dir).await {
+                Ok((columns, rows)) => {
+                    out!("\nservers, as the proxy sees them:");
+                    let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
+                    table(&columns, rows);
+                }
+                Err(e) => eprintln!("\n(no server health: {e:#})"),
+            }
         }
         AdminCommand::AddShard {
             id,

@@ -103,7 +103,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let config_text = format!(
         "# Written by `shardline dev`; rewritten on every start.\n\
          [proxy]\nlisten = \"127.0.0.1:{port}\"\npool_mode = \"{pool_mode}\"\npool_size = {pool_size}\n\n\
-         [[users]]\nname = \"{USER}\"\npassword = \"{password}\"\n\n\
+         [[users]]\nname = \"{USER}\"\npassword = \"{password}\"\nadmin = true\n\n\
          [[databases]]\nname = \"{DATABASE}\"\nhost = \"127.0.0.1\"\nport = {home_port}\n\n\
          [metadata]\nendpoints = [\"{meta_addr}\"]\n",
         meta_addr = meta.addr(),

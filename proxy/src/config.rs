@@ -209,6 +209,9 @@ pub struct UserConfig {
     pub password: Option<String>,
     #[serde(default)]
     pub auth: AuthMethod,
+    /// May connect to the admin console (database `shardline`).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -377,6 +380,7 @@ pub struct User {
     pub scram: Option<ScramVerifier>,
     /// The plain password, when configured, for logging in to servers as this user.
     pub plain_password: Option<String>,
+    pub admin: bool,
 }
 
 impl User {
@@ -399,6 +403,7 @@ impl User {
             secret,
             scram,
             plain_password,
+            admin: c.admin,
         }
     }
 }

@@ -36,6 +36,10 @@ pub enum Error {
     UnknownDatabase(String),
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
+    #[error(
+        "permission denied: user \"{0}\" may not use the admin console (set admin = true for it)"
+    )]
+    NotAdmin(String),
     #[error("sorry, too many clients already (max_client_connections = {max})")]
     TooManyClients { max: u32 },
     #[error(
@@ -99,6 +103,7 @@ impl Error {
             | Error::AuthProtocol(_)
             | Error::UnknownDatabase(_)
             | Error::NoUser
+            | Error::NotAdmin(_)
             | Error::ClientIo(_)
             | Error::Unsupported(_)
             | Error::Refused(_)
@@ -130,6 +135,7 @@ impl Error {
             | Error::AuthProtocol(_) => "08P01",
             Error::AuthFailed { .. } => "28P01",
             Error::NoUser => "28000",
+            Error::NotAdmin(_) => "42501",
             Error::UnknownDatabase(_) => "3D000",
             Error::TooManyClients { .. } | Error::PoolExhausted { .. } => "53300",
             Error::ServerUnavailable { .. } | Error::ServerIo(_) => "08006",

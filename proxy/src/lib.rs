@@ -5,6 +5,7 @@
 //! server connection from a [`pool::Pool`] per transaction (or per session)
 //! and forwards frames between the two.
 
+pub mod admin;
 pub mod auth;
 pub mod backends;
 pub mod cancel;

@@ -223,6 +223,13 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
     )
     .await?;
     let user = user.expect("authentication fails for unknown users");
+    if database_name == crate::admin::DATABASE {
+        if !user.admin {
+            return Err(Error::NotAdmin(user_name));
+        }
+        crate::admin::serve(shared, stream, buf, out).await?;
+        return Ok(None);
+    }
     let database = shared
         .database(&database_name)
         .ok_or_else(|| Error::UnknownDatabase(database_name.clone()))?;

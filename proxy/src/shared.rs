@@ -149,6 +149,7 @@ fn probe_target(config: &Config, users: &HashMap<String, Arc<User>>) -> Option<S
             name: name.clone(),
             password: None,
             auth: crate::config::AuthMethod::Trust,
+            admin: false,
         })),
         None => config
             .users

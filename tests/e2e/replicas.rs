@@ -88,6 +88,11 @@ impl ReplicaEnv {
 name = "app"
 password = "{APP_PASSWORD}"
 
+[[users]]
+name = "ops"
+password = "ops-secret"
+admin = true
+
 [[databases]]
 name = "db"
 port = {port}
@@ -435,4 +440,73 @@ async fn a_promoted_replica_takes_the_writes() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 9);
+}
+
+/// `SHOW SHARDS` rows of the admin console, as column -> value maps.
+async fn show_shards(client: &Client) -> Vec<std::collections::HashMap<String, String>> {
+    let messages = client
+        .simple_query("SHOW SHARDS")
+        .await
+        .expect("SHOW SHARDS");
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                row.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), row.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_console_shows_role_health_and_breakers() {
+    let mut env = ReplicaEnv::start(&[], "").await;
+    let admin = connect(env.addr, "ops", "ops-secret", "shardline")
+        .await
+        .expect("an admin user reaches the console");
+    let replica_addr = format!("127.0.0.1:{}", env.replica.port());
+
+    let servers = show_shards(&admin).await;
+    assert_eq!(servers.len(), 2, "{servers:?}");
+    let replica = servers
+        .iter()
+        .find(|s| s["addr"] == replica_addr)
+        .expect("replica row");
+    assert_eq!(replica["role"], "replica");
+    assert_eq!(replica["state"], "up");
+    assert_eq!(replica["breaker"], "closed");
+    assert!(replica["lag_bytes"].parse::<u64>().is_ok(), "{replica:?}");
+    let primary = servers
+        .iter()
+        .find(|s| s["map_role"] == "primary")
+        .expect("primary row");
+    assert_eq!(primary["role"], "primary (writes)");
+
+    // The replica stops: the console shows it down, its breaker open.
+    tokio::task::block_in_place(|| env.replica.stop());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let servers = show_shards(&admin).await;
+            let replica = servers.iter().find(|s| s["addr"] == replica_addr).unwrap();
+            replica["state"] == "down" && replica["breaker"].starts_with("open")
+        })
+        .await,
+        "the console never showed the replica down"
+    );
+
+    // Other users are refused, and unknown commands are errors.
+    let e = connect(env.addr, "app", APP_PASSWORD, "shardline")
+        .await
+        .expect_err("not an admin");
+    assert_eq!(sqlstate(&e), "42501");
+    let e = admin
+        .simple_query("SHOW NOTHING")
+        .await
+        .expect_err("unknown command");
+    assert_eq!(sqlstate(&e), "0A000");
 }

@@ -145,6 +145,26 @@ pub fn encode_row_description(out: &mut BytesMut, columns: &[Column<'_>]) {
     }
 }
 
+/// Appends a RowDescription (B) of text columns named `names`, belonging to
+/// no table (as for a computed result).
+pub fn encode_text_row_description(out: &mut BytesMut, names: &[&str]) {
+    const TEXT_OID: i32 = 25;
+    let len: usize = 2 + names.iter().map(|n| n.len() + 1 + 18).sum::<usize>();
+    out.put_u8(crate::backend::ROW_DESCRIPTION);
+    out.put_i32(4 + len as i32);
+    out.put_i16(names.len() as i16);
+    for name in names {
+        out.put_slice(name.as_bytes());
+        out.put_u8(0);
+        out.put_i32(0); // table
+        out.put_i16(0); // column number
+        out.put_i32(TEXT_OID);
+        out.put_i16(-1); // variable length
+        out.put_i32(-1); // no type modifier
+        out.put_i16(0); // text format
+    }
+}
+
 /// The values of a DataRow (B) body; `None` is SQL NULL.
 pub fn data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>> {
     let mut r = Reader::new(body, "DataRow");
