@@ -49,10 +49,11 @@ impl Proxy {
             let addr = listener.local_addr().map_or(addr, |a| a);
             crate::follower::MapFollower::start(m, addr.to_string())
         });
-        Ok(Proxy {
-            listener,
-            shared: Arc::new(Shared::new(Arc::new(config), follower)),
-        })
+        let shared = Arc::new(Shared::new(Arc::new(config), follower));
+        if shared.follower.is_some() {
+            tokio::spawn(watch_servers(Arc::downgrade(&shared)));
+        }
+        Ok(Proxy { listener, shared })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -122,6 +123,26 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     }
     shared.cancels.unregister(process_id);
     drop(slot);
+}
+
+/// Starts monitoring the servers of every shard as soon as the map names
+/// them (not at their first statement), so the first read already knows
+/// which replicas are up; stops with the proxy.
+async fn watch_servers(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let Some(follower) = &shared.follower else {
+            return;
+        };
+        let map = follower.map();
+        for &id in map.shards.keys() {
+            shared.backends.shard(id, &map);
+        }
+    }
 }
 
 type LoggedIn = (
