@@ -35,9 +35,18 @@ async fn prepared_statements_survive_100_transactions_over_2_connections() {
         }));
     }
 
+    // And every tenth transaction runs while another client holds a server
+    // connection in an open transaction, so it must take the other one.
+    let holder = env.client().await;
     let mut pids = HashSet::new();
     for i in 0..100i64 {
+        if i % 10 == 0 {
+            holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        }
         let row = client.query_one(&statement, &[&i]).await.unwrap();
+        if i % 10 == 0 {
+            holder.batch_execute("COMMIT").await.unwrap();
+        }
         assert_eq!(row.get::<_, i64>(0), i * 2);
         pids.insert(row.get::<_, i32>(1));
         // Inside an explicit transaction too.
