@@ -3,10 +3,13 @@
 //!
 //! One monitor task per server keeps a connection of its own and asks, every
 //! `health_interval`, whether the server is in recovery and how far its WAL
-//! is (`pg_current_wal_lsn()` on a primary, `pg_last_wal_replay_lsn()` on a
+//! is (`pg_current_wal_insert_lsn()` on a primary: past every commit record,
+//! asynchronous commits not yet written too; `pg_last_wal_replay_lsn()` on a
 //! replica). A failed probe, or a failure a session reports, opens the
-//! server's circuit breaker: it gets no new work until a probe succeeds,
-//! and probes back off exponentially while it stays down.
+//! server's circuit breaker: it gets no new work for a backoff that doubles
+//! while it stays down; then one request (or probe) may try again, and a
+//! success closes it. A monitor that cannot log in (a configuration problem,
+//! not a down server) leaves the breaker alone.
 //!
 //! Lag in time comes from the primary's own history: each shard keeps the
 //! primary's recent (time, LSN) samples, and a replica that has replayed up
@@ -24,6 +27,7 @@ use router::{ShardId, ShardMap};
 use tokio::time::Instant;
 
 use crate::config::{ReadFrom, ReplicaConfig, Role};
+use crate::error::Error;
 use crate::server::{ServerConn, ServerTarget};
 
 /// Primary LSN samples kept per shard: a few seconds at the default interval.
@@ -61,13 +65,36 @@ impl Node {
         self.state.lock().expect("lock poisoned").clone()
     }
 
+    /// "primary" or "replica": as the server last said, else as the map says.
+    pub fn role_name(&self) -> &'static str {
+        match self.state().in_recovery {
+            Some(true) => "replica",
+            Some(false) => "primary",
+            None if self.map_primary => "primary",
+            None => "replica",
+        }
+    }
+
     pub fn outstanding(&self) -> u32 {
         self.outstanding.load(Ordering::Relaxed)
     }
 
-    /// Whether the breaker lets new work through.
+    /// Whether the breaker lets new work through: closed, or half open (its
+    /// backoff has passed, so one request may try; a failure opens it again
+    /// for twice as long, a success closes it).
     fn is_closed(state: &NodeState) -> bool {
-        state.open_until.is_none()
+        !matches!(state.open_until, Some(until) if Instant::now() < until)
+    }
+
+    /// A session's request on this node worked: a half-open breaker closes.
+    pub fn report_success(&self) {
+        let mut s = self.state.lock().expect("lock poisoned");
+        if s.open_until.is_some_and(|until| Instant::now() >= until) {
+            tracing::info!(shard = %self.shard, addr = %self.addr, "server back in rotation");
+            s.open_until = None;
+            s.consecutive_failures = 0;
+            s.last_error = None;
+        }
     }
 
     /// A session (or a probe) failed on this node: take it out of rotation.
@@ -275,15 +302,37 @@ impl Backends {
     pub fn primary(&self, nodes: &ShardNodes) -> Result<Arc<Node>, Unavailable> {
         let map_primary = &nodes.nodes[0];
         let state = map_primary.state();
-        if self.settings.role == Role::Auto
-            && (state.in_recovery == Some(true) || !Node::is_closed(&state))
-        {
-            let promoted = nodes.nodes[1..].iter().find(|n| {
-                let s = n.state();
-                s.in_recovery == Some(false) && Node::is_closed(&s)
-            });
-            if let Some(node) = promoted {
-                return Ok(node.clone());
+        if self.settings.role == Role::Auto {
+            // A replica that left recovery was promoted: it takes the writes,
+            // also after the old primary comes back. Two servers that both
+            // accept writes get none: whichever got them, the other would
+            // not have them.
+            let promoted: Vec<&Arc<Node>> = nodes.nodes[1..]
+                .iter()
+                .filter(|n| n.state().in_recovery == Some(false))
+                .collect();
+            match promoted.as_slice() {
+                [] => {}
+                [one] if state.in_recovery != Some(false) || !Node::is_closed(&state) => {
+                    let s = one.state();
+                    if Node::is_closed(&s) {
+                        return Ok((*one).clone());
+                    }
+                    return Err(Unavailable {
+                        shard: nodes.id,
+                        reason: s
+                            .last_error
+                            .unwrap_or_else(|| "it failed recently".to_owned()),
+                    });
+                }
+                _ => {
+                    return Err(Unavailable {
+                        shard: nodes.id,
+                        reason: "more than one of its servers accepts writes (a promoted replica \
+                                 and the old primary?); update the shard's addresses in the map"
+                            .to_owned(),
+                    })
+                }
             }
         }
         if !Node::is_closed(&state) {
@@ -369,6 +418,7 @@ async fn monitor(
     settings: ReplicaConfig,
 ) {
     let mut conn: Option<ServerConn> = None;
+    let mut cannot_log_in: Option<String> = None;
     let mut tick = tokio::time::interval(settings.health_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -390,43 +440,93 @@ async fn monitor(
                     shard.push_sample(sent, lsn);
                 }
             }
-            Err(reason) => {
+            Err(ProbeError::Down(reason)) => {
                 conn = None;
                 node.report_failure(&reason, &settings);
+            }
+            Err(ProbeError::CannotLogIn(reason)) => {
+                conn = None;
+                if cannot_log_in.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(shard = %node.shard, addr = %node.addr, %reason,
+                        "the health monitor cannot log in; this server's health and lag are unknown");
+                    cannot_log_in = Some(reason);
+                }
             }
         }
     }
 }
 
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery()::text || ' ' || \
-     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text";
+     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text \
+     || ' ' || current_setting('wal_block_size') \
+     || ' ' || (SELECT setting FROM pg_settings WHERE name = 'wal_segment_size')";
+
+/// Sizes of WAL page headers (`SizeOfXLogShortPHD`, `SizeOfXLogLongPHD`).
+const SHORT_PAGE_HEADER: u64 = 24;
+const LONG_PAGE_HEADER: u64 = 40;
+
+/// The end of the last WAL record before a primary's insert position. They
+/// differ only when the position is just past a page header (the last
+/// record ended at the page boundary, or a segment was switched): a
+/// replica reports the boundary as replayed then, never the header's end.
+fn record_end(insert: u64, block_size: u64, segment_size: u64) -> u64 {
+    if segment_size > 0 && insert % segment_size == LONG_PAGE_HEADER {
+        insert - LONG_PAGE_HEADER
+    } else if block_size > 0 && insert % block_size == SHORT_PAGE_HEADER {
+        insert - SHORT_PAGE_HEADER
+    } else {
+        insert
+    }
+}
 
 /// One probe on the monitor's own connection (made first if needed).
+/// Why a probe failed.
+enum ProbeError {
+    /// The server is down or not answering: out of rotation.
+    Down(String),
+    /// The monitor's own login is refused (credentials, database name): a
+    /// configuration problem that says nothing about the server's health.
+    CannotLogIn(String),
+}
+
 async fn probe(
     conn: &mut Option<ServerConn>,
     target: &ServerTarget,
     interval: Duration,
-) -> Result<(bool, u64), String> {
+) -> Result<(bool, u64), ProbeError> {
     if conn.is_none() {
-        *conn = Some(
-            ServerConn::connect(target, 0)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
+        *conn = Some(ServerConn::connect(target, 0).await.map_err(|e| {
+            let reason = e.to_string();
+            match e {
+                Error::ServerAuth(_) => ProbeError::CannotLogIn(reason),
+                _ if reason.contains("does not exist") => ProbeError::CannotLogIn(reason),
+                _ => ProbeError::Down(reason),
+            }
+        })?);
     }
     let c = conn.as_mut().expect("connected above");
-    // A server that does not answer within a few intervals counts as down.
-    let limit = (interval * 20).max(Duration::from_secs(1));
+    // A server that does not answer a probe as long as it may take to
+    // connect (and at least a few intervals) counts as down.
+    let limit = target.connect_timeout.max(interval * 20);
     let answer = tokio::time::timeout(limit, c.query_value(PROBE_SQL, target.message_bytes_max))
         .await
-        .map_err(|_| format!("no answer to a health probe within {limit:?}"))?
-        .map_err(|e| e.to_string())?
-        .ok_or("the health probe returned no row")?;
-    let (recovery, lsn) = answer
-        .split_once(' ')
-        .ok_or_else(|| format!("unexpected health probe answer {answer:?}"))?;
+        .map_err(|_| ProbeError::Down(format!("no answer to a health probe within {limit:?}")))?
+        .map_err(|e| ProbeError::Down(e.to_string()))?
+        .ok_or_else(|| ProbeError::Down("the health probe returned no row".into()))?;
+    let unexpected = || ProbeError::Down(format!("unexpected health probe answer {answer:?}"));
+    let fields: Vec<&str> = answer.split(' ').collect();
+    let [recovery, lsn, block, segment] = fields.as_slice() else {
+        return Err(unexpected());
+    };
     // A replica that has not replayed anything yet reports NULL: position 0.
-    Ok((recovery == "true", parse_lsn(lsn).unwrap_or(0)))
+    let lsn = parse_lsn(lsn).unwrap_or(0);
+    let in_recovery = *recovery == "true";
+    if in_recovery {
+        return Ok((true, lsn));
+    }
+    let block = block.parse().map_err(|_| unexpected())?;
+    let segment = segment.parse().map_err(|_| unexpected())?;
+    Ok((false, record_end(lsn, block, segment)))
 }
 
 /// A `pg_lsn` in its text form `X/Y`.
@@ -444,6 +544,17 @@ mod tests {
         assert_eq!(parse_lsn("0/16B3748"), Some(0x16B3748));
         assert_eq!(parse_lsn("1/0"), Some(1 << 32));
         assert_eq!(parse_lsn("junk"), None);
+    }
+
+    #[test]
+    fn an_insert_position_past_a_page_header_is_the_boundary() {
+        let (block, segment) = (8192, 16 << 20);
+        // Just after a segment switch (long header) or a page boundary (short).
+        assert_eq!(record_end(0x3000028, block, segment), 0x3000000);
+        assert_eq!(record_end(0x3002018, block, segment), 0x3002000);
+        // Anywhere else, and 40 bytes into a page that is no segment start.
+        assert_eq!(record_end(0x3002028, block, segment), 0x3002028);
+        assert_eq!(record_end(0x943B090, block, segment), 0x943B090);
     }
 
     #[tokio::test]

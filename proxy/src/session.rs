@@ -330,6 +330,15 @@ impl Session {
         Ok(false)
     }
 
+    /// Gives up the chance to send the read in flight elsewhere: what is held
+    /// of its reply goes to the client.
+    fn keep_read(&mut self) {
+        if self.retry.take().is_some() {
+            self.cout.extend_from_slice(&self.held_reply);
+            self.held_reply.clear();
+        }
+    }
+
     /// The replica running a read failed before any of its reply reached the
     /// client: take it out of rotation and send the read elsewhere.
     async fn retry_read(&mut self, e: Error) -> Result<()> {
@@ -484,6 +493,7 @@ impl Session {
         if e.is_fatal() {
             return Err(e);
         }
+        self.keep_read();
         if matches!(e, Error::Refused(_)) && self.txn_status != TransactionStatus::Idle {
             self.aborted_locally = true;
             self.txn_status = TransactionStatus::Failed;
@@ -564,6 +574,9 @@ impl Session {
 
     async fn on_client_frame(&mut self, frame: Frame) -> Result<()> {
         let tag = frame.tag();
+        // A read may be sent again only while it is the only thing in
+        // flight: anything behind it would be lost or answered out of order.
+        self.keep_read();
         if self.skipping_to_sync {
             if tag == frontend::SYNC {
                 self.skipping_to_sync = false;
@@ -644,6 +657,7 @@ impl Session {
             return Ok(());
         }
         let attached = match &map {
+            Some(map) if tag == frontend::FUNCTION_CALL => self.attach_function_call(map).await,
             Some(map) => self.attach_current(map).await,
             None => self.ensure_server().await,
         };
@@ -935,12 +949,16 @@ impl Session {
             if tag == backend::ERROR_RESPONSE && self.pending.is_empty() {
                 // Nothing is owed, so this is no reply: the server is ending
                 // the connection (shutting down, or terminated by an admin).
-                // Between transactions the client need not know; inside
-                // one, its transaction is gone, as it would be on PostgreSQL.
+                // Between transactions the client need not know; inside one
+                // (or an unsynced batch, or a pinned session connection) what
+                // it did there is gone, as it would be on PostgreSQL.
                 conn.broken = true;
                 let fields = backend::ErrorFields::decode(&conn.buf[wire::HEADER_LEN..frame_len])?;
                 let message = String::from_utf8_lossy(fields.message).into_owned();
-                if self.server_in_transaction() {
+                if self.server_in_transaction()
+                    || !self.pending.is_idle()
+                    || self.mode == PoolMode::Session
+                {
                     return Err(Error::ServerIo(std::io::Error::new(
                         std::io::ErrorKind::ConnectionAborted,
                         message,
@@ -985,7 +1003,8 @@ impl Session {
                     // replaced, so the client sees nothing yet.
                     hold = true;
                 } else {
-                    // Rows (or the result) reach the client: no going back.
+                    // Rows (or the result) reach the client: no going back
+                    // (as `keep_read`, with the connection borrowed).
                     self.retry = None;
                     self.cout.extend_from_slice(&self.held_reply);
                     self.held_reply.clear();

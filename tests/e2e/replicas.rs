@@ -4,139 +4,14 @@
 //! replica costs no client errors, a dead primary fails writes fast and a
 //! promoted replica takes the writes.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metadata::client::MetaClient;
-use metadata::node::{MetaNode, NodeConfig};
-use metadata::Command;
-use router::ShardId;
-use testkit::Cluster;
-use tokio::sync::oneshot;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::harness::{connect, eventually, sqlstate, start_proxy, Options, APP_PASSWORD};
-
-/// One shard: a primary and one streaming replica, behind a proxy that
-/// follows a one-node metadata group.
-struct ReplicaEnv {
-    primary: Cluster,
-    replica: Cluster,
-    addr: SocketAddr,
-    _node: MetaNode,
-    _stop: oneshot::Sender<()>,
-    _meta_dir: tempfile::TempDir,
-}
-
-impl ReplicaEnv {
-    /// `replica_settings` go on the replica's command line; `replicas` is the
-    /// body of the proxy's `[replicas]` section.
-    async fn start(replica_settings: &[(&str, &str)], replicas: &str) -> ReplicaEnv {
-        let primary = tokio::task::spawn_blocking(|| {
-            Cluster::builder().setting("max_connections", "100").start()
-        })
-        .await
-        .expect("join")
-        .expect("primary starts");
-        let primary_client = primary.connect().await.expect("primary");
-        primary_client
-            .batch_execute(
-                "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL);
-                 INSERT INTO t SELECT i, 0 FROM generate_series(1, 100) i;",
-            )
-            .await
-            .expect("table");
-        let mut builder = primary.replica();
-        for (name, value) in replica_settings {
-            builder = builder.setting(*name, *value);
-        }
-        let replica = tokio::task::spawn_blocking(move || builder.start())
-            .await
-            .expect("join")
-            .expect("replica starts");
-
-        let meta_dir = tempfile::tempdir().expect("tempdir");
-        let node = MetaNode::start(NodeConfig::new(
-            1,
-            "127.0.0.1:0".parse().expect("addr"),
-            meta_dir.path().to_path_buf(),
-        ))
-        .await
-        .expect("metadata node starts");
-        node.initialize_if_new().await.expect("initialize");
-        let meta = MetaClient::new(vec![node.addr().to_owned()]);
-        let applied = meta
-            .propose(Command::AddShard {
-                id: ShardId(0),
-                primary: format!("127.0.0.1:{}", primary.port()),
-                replicas: vec![format!("127.0.0.1:{}", replica.port())],
-            })
-            .await
-            .expect("add shard");
-        assert_eq!(applied.refused, None);
-
-        let options = Options {
-            proxy_extra: "connect_timeout = \"2s\"\ncheckout_timeout = \"3s\"".into(),
-            ..Options::default()
-        };
-        let config = format!(
-            r#"
-{proxy}
-[[users]]
-name = "app"
-password = "{APP_PASSWORD}"
-
-[[users]]
-name = "ops"
-password = "ops-secret"
-admin = true
-
-[[databases]]
-name = "db"
-port = {port}
-dbname = "postgres"
-server_user = "postgres"
-server_password = "postgres"
-
-[metadata]
-endpoints = ["{meta}"]
-
-[replicas]
-{replicas}
-"#,
-            proxy = options.proxy_section(),
-            port = primary.port(),
-            meta = node.addr(),
-        );
-        let (addr, stop) = start_proxy(&config).await;
-        let env = ReplicaEnv {
-            primary,
-            replica,
-            addr,
-            _node: node,
-            _stop: stop,
-            _meta_dir: meta_dir,
-        };
-        // The proxy has the map and has seen the replica healthy.
-        let client = env.client().await;
-        assert!(
-            eventually(Duration::from_secs(20), || async {
-                in_recovery(&client, "SELECT pg_is_in_recovery()").await == Some(true)
-            })
-            .await,
-            "reads never reached the replica"
-        );
-        env
-    }
-
-    async fn client(&self) -> Client {
-        connect(self.addr, "app", APP_PASSWORD, "db")
-            .await
-            .expect("connect through the proxy")
-    }
-}
+use crate::harness::{connect, eventually, sqlstate, APP_PASSWORD};
+use crate::replica_env::ReplicaEnv;
 
 /// The first column of the first row of `sql` (simple protocol), as a bool.
 async fn in_recovery(client: &Client, sql: &str) -> Option<bool> {
@@ -149,7 +24,7 @@ async fn in_recovery(client: &Client, sql: &str) -> Option<bool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_go_to_the_replica_and_writes_to_the_primary() {
-    let env = ReplicaEnv::start(&[], "").await;
+    let env = ReplicaEnv::start_with(1, &[], "", "", true).await;
     let client = env.client().await;
 
     // Act + assert: where each kind of statement ran.
@@ -189,6 +64,14 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
         "a read inside BEGIN (extended protocol) runs on the primary"
     );
     client.batch_execute("COMMIT").await.unwrap();
+    // The multi-statement transaction above counts as a write (its text could
+    // hold one): reads stay on the primary until the replica has replayed it.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            in_recovery(&client, "SELECT pg_is_in_recovery()").await == Some(true)
+        })
+        .await
+    );
     client.batch_execute("BEGIN READ ONLY").await.unwrap();
     let row = client
         .query_one("SELECT pg_is_in_recovery()", &[])
@@ -225,7 +108,7 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
         .execute("UPDATE t SET v = 7 WHERE id = 2", &[])
         .await
         .unwrap();
-    let replica = env.replica.connect().await.unwrap();
+    let replica = env.replicas[0].connect().await.unwrap();
     assert!(
         eventually(Duration::from_secs(10), || async {
             let row = replica
@@ -241,7 +124,8 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_reads_its_own_writes_from_a_delayed_replica() {
     // Arrange: the replica applies commits half a second late.
-    let env = ReplicaEnv::start(&[("recovery_min_apply_delay", "500ms")], "").await;
+    let env =
+        ReplicaEnv::start_with(1, &[("recovery_min_apply_delay", "500ms")], "", "", true).await;
     let writer = env.client().await;
     let bystander = env.client().await;
 
@@ -276,9 +160,12 @@ async fn a_session_reads_its_own_writes_from_a_delayed_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_replica_gets_no_reads() {
     // Arrange: the replica applies commits 2 s late; 300 ms is the limit.
-    let env = ReplicaEnv::start(
+    let env = ReplicaEnv::start_with(
+        1,
         &[("recovery_min_apply_delay", "2s")],
         "max_replica_lag = \"300ms\"",
+        "",
+        true,
     )
     .await;
     let writes = tokio::spawn({
@@ -312,7 +199,7 @@ async fn a_lagging_replica_gets_no_reads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_replica_costs_readers_no_errors() {
-    let mut env = ReplicaEnv::start(&[], "").await;
+    let mut env = ReplicaEnv::start_with(1, &[], "", "", true).await;
     let reads = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut readers = Vec::new();
@@ -334,7 +221,7 @@ async fn a_dead_replica_costs_readers_no_errors() {
     // Act: the replica goes away under load.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = reads.load(Ordering::Relaxed);
-    tokio::task::block_in_place(|| env.replica.stop());
+    tokio::task::block_in_place(|| env.replicas[0].stop());
 
     // Assert: no client saw an error, and reads went on.
     let mut errors = Vec::new();
@@ -355,7 +242,7 @@ async fn a_dead_replica_costs_readers_no_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_primary_fails_writes_fast_and_reads_go_on() {
-    let mut env = ReplicaEnv::start(&[], "").await;
+    let mut env = ReplicaEnv::start_with(1, &[], "", "", true).await;
     let client = env.client().await;
     client
         .execute("UPDATE t SET v = 1 WHERE id = 4", &[])
@@ -414,11 +301,11 @@ async fn a_dead_primary_fails_writes_fast_and_reads_go_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promoted_replica_takes_the_writes() {
-    let mut env = ReplicaEnv::start(&[], "").await;
+    let mut env = ReplicaEnv::start_with(1, &[], "", "", true).await;
 
     // Act: the primary stops and the replica is promoted.
     tokio::task::block_in_place(|| env.primary.stop());
-    env.replica.promote().expect("promote");
+    env.replicas[0].promote().expect("promote");
 
     // Assert: writes reach the promoted server without a proxy restart.
     let client = env.client().await;
@@ -434,12 +321,38 @@ async fn a_promoted_replica_takes_the_writes() {
     );
     let in_txn = in_recovery(&client, "BEGIN; SELECT pg_is_in_recovery(); COMMIT").await;
     assert_eq!(in_txn, Some(false));
-    let direct = env.replica.connect().await.unwrap();
+    let direct = env.replicas[0].connect().await.unwrap();
     let row = direct
         .query_one("SELECT v FROM t WHERE id = 5", &[])
         .await
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 9);
+
+    // The old primary starts again, not demoted: two servers accept writes.
+    // A write is refused (57P03) or lands on the promoted server, never on
+    // the old primary, which lacks what the promoted one took meanwhile.
+    tokio::task::block_in_place(|| env.primary.restart()).expect("restart");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let result = client
+        .execute("UPDATE t SET v = 10 WHERE id = 6", &[])
+        .await;
+    let old = env.primary.connect().await.unwrap();
+    let on_old: i32 = old
+        .query_one("SELECT v FROM t WHERE id = 6", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(on_old, 10, "a write went to the old primary");
+    match result {
+        Ok(_) => {
+            let row = direct
+                .query_one("SELECT v FROM t WHERE id = 6", &[])
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, i32>(0), 10);
+        }
+        Err(e) => assert_eq!(sqlstate(&e), "57P03", "{e}"),
+    }
 }
 
 /// `SHOW SHARDS` rows of the admin console, as column -> value maps.
@@ -465,11 +378,11 @@ async fn show_shards(client: &Client) -> Vec<std::collections::HashMap<String, S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_console_shows_role_health_and_breakers() {
-    let mut env = ReplicaEnv::start(&[], "").await;
+    let mut env = ReplicaEnv::start_with(1, &[], "", "", true).await;
     let admin = connect(env.addr, "ops", "ops-secret", "shardline")
         .await
         .expect("an admin user reaches the console");
-    let replica_addr = format!("127.0.0.1:{}", env.replica.port());
+    let replica_addr = format!("127.0.0.1:{}", env.replicas[0].port());
 
     let servers = show_shards(&admin).await;
     assert_eq!(servers.len(), 2, "{servers:?}");
@@ -488,7 +401,7 @@ async fn the_admin_console_shows_role_health_and_breakers() {
     assert_eq!(primary["role"], "primary (writes)");
 
     // The replica stops: the console shows it down, its breaker open.
-    tokio::task::block_in_place(|| env.replica.stop());
+    tokio::task::block_in_place(|| env.replicas[0].stop());
     assert!(
         eventually(Duration::from_secs(10), || async {
             let servers = show_shards(&admin).await;

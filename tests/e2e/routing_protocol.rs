@@ -3,144 +3,11 @@
 //! Bind/Execute pairs, BEGIN through the extended protocol, Flush instead of
 //! Sync), checked reply by reply against what PostgreSQL itself answers.
 
-use std::time::Duration;
-
-use bytes::BytesMut;
-use postgres_protocol::message::frontend;
 use router::hash::KeyValue;
 use router::{KeyType, ShardId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use wire::backend::ErrorFields;
-use wire::Frame;
 
+use crate::raw::Raw;
 use crate::sharded_env::ShardedEnv;
-
-/// A client speaking the protocol message by message.
-struct Raw {
-    stream: TcpStream,
-    buf: BytesMut,
-    out: BytesMut,
-}
-
-impl Raw {
-    async fn login(env: &ShardedEnv) -> Raw {
-        let mut raw = Raw {
-            stream: TcpStream::connect(env.addr).await.expect("connect"),
-            buf: BytesMut::new(),
-            out: BytesMut::new(),
-        };
-        frontend::startup_message([("user", "trusted"), ("database", "db")], &mut raw.out)
-            .expect("startup");
-        raw.until_ready().await;
-        raw
-    }
-
-    fn parse(&mut self, name: &str, sql: &str) -> &mut Self {
-        frontend::parse(name, sql, std::iter::empty(), &mut self.out).expect("parse");
-        self
-    }
-
-    /// Bind with text parameters.
-    fn bind(&mut self, statement: &str, params: &[&str]) -> &mut Self {
-        let r = frontend::bind(
-            "",
-            statement,
-            std::iter::empty::<i16>(),
-            params.iter(),
-            |p, out| {
-                out.extend_from_slice(p.as_bytes());
-                Ok(postgres_protocol::IsNull::No)
-            },
-            std::iter::empty::<i16>(),
-            &mut self.out,
-        );
-        assert!(r.is_ok(), "bind encodes");
-        self
-    }
-
-    fn describe(&mut self, kind: u8, name: &str) -> &mut Self {
-        frontend::describe(kind, name, &mut self.out).expect("describe");
-        self
-    }
-
-    fn execute(&mut self) -> &mut Self {
-        frontend::execute("", 0, &mut self.out).expect("execute");
-        self
-    }
-
-    fn close_statement(&mut self, name: &str) -> &mut Self {
-        frontend::close(b'S', name, &mut self.out).expect("close");
-        self
-    }
-
-    fn sync(&mut self) -> &mut Self {
-        frontend::sync(&mut self.out);
-        self
-    }
-
-    fn flush(&mut self) -> &mut Self {
-        frontend::flush(&mut self.out);
-        self
-    }
-
-    fn query(&mut self, sql: &str) -> &mut Self {
-        frontend::query(sql, &mut self.out).expect("query");
-        self
-    }
-
-    /// Sends what was queued and reads replies up to the next ReadyForQuery,
-    /// summarised: `1` `2` `3` `n` `T` for the bodiless ones, `D:<first
-    /// column>`, `C:<tag>`, `E:<sqlstate>`, `Z:<status>`.
-    async fn until_ready(&mut self) -> Vec<String> {
-        self.replies(|r| r.starts_with("Z:")).await
-    }
-
-    async fn replies(&mut self, last: impl Fn(&str) -> bool) -> Vec<String> {
-        let out = std::mem::take(&mut self.out);
-        self.stream.write_all(&out).await.expect("send");
-        let mut seen = Vec::new();
-        let read = async {
-            loop {
-                let frame = loop {
-                    if let Some(frame) = Frame::decode(&mut self.buf, 1 << 24).expect("frame") {
-                        break frame;
-                    }
-                    let n = self.stream.read_buf(&mut self.buf).await.expect("read");
-                    assert!(n > 0, "the proxy closed the connection after {seen:?}");
-                };
-                let body = frame.body();
-                let summary = match frame.tag() {
-                    b'D' => {
-                        let row = wire::rows::data_row(body).expect("row");
-                        let first = row.first().copied().flatten().unwrap_or(b"NULL");
-                        format!("D:{}", String::from_utf8_lossy(first))
-                    }
-                    b'C' => format!("C:{}", String::from_utf8_lossy(&body[..body.len() - 1])),
-                    b'E' => {
-                        let fields = ErrorFields::decode(body).expect("error");
-                        format!("E:{}", String::from_utf8_lossy(fields.code))
-                    }
-                    b'Z' => format!("Z:{}", body[0] as char),
-                    b'R' | b'S' | b'K' | b'N' => continue,
-                    tag => (tag as char).to_string(),
-                };
-                let done = last(&summary);
-                seen.push(summary);
-                if done {
-                    return;
-                }
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(10), read)
-            .await
-            .is_err()
-        {
-            panic!("no reply in 10 s; so far: {seen:?}");
-        }
-        seen
-    }
-}
 
 /// `n` keys of `accounts` owned by `shard`, from `from` up.
 fn keys_from(env: &ShardedEnv, shard: u32, from: i64, n: usize) -> Vec<i64> {
@@ -188,7 +55,7 @@ async fn extended_batches_route_and_answer_in_order() {
     let zero = keys_from(&env, 0, 1, 1);
     let (a, b, z) = (one[0].to_string(), one[1].to_string(), zero[0].to_string());
     let sel = "SELECT id FROM accounts WHERE id = $1";
-    let mut c = Raw::login(&env).await;
+    let mut c = Raw::login(env.addr).await;
 
     // Two Bind/Execute pairs for one shard in one batch (pgx SendBatch).
     c.parse("", sel).bind("", &[&a]).execute();
@@ -286,7 +153,7 @@ async fn transactions_through_the_extended_protocol() {
     let one = keys_from(&env, 1, 1, 1)[0].to_string();
     let zero = keys_from(&env, 0, 1, 1)[0].to_string();
     let upd = "UPDATE accounts SET v = v + 100 WHERE id = $1";
-    let mut c = Raw::login(&env).await;
+    let mut c = Raw::login(env.addr).await;
 
     // BEGIN bound like any statement (pgjdbc), then a write off the home
     // shard in the same batch: the transaction runs where the write goes.

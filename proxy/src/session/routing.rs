@@ -259,14 +259,23 @@ impl Session {
     ) -> Result<()> {
         let in_transaction = self.server_in_transaction();
         // Between transactions a read may want a replica, a write the primary.
+        // Inside a batch the server in hand stays if it can run the statement
+        // (a primary runs anything, a replica reads): only a write that would
+        // land on a replica makes it move.
+        let held_replica = self
+            .server_hold
+            .as_ref()
+            .is_some_and(|h| h.node().state().in_recovery != Some(false));
         let other_server = self.server.is_some()
             && self.server_shard == Some(shard)
             && !in_transaction
             && self.mode == crate::config::PoolMode::Transaction
-            && {
+            && if self.pending.is_idle() {
                 let wanted = self.choose(shard, map, read)?;
                 let held = self.server_hold.as_ref().map(|h| h.node().addr.as_str());
                 wanted.as_ref().map(|n| n.addr.as_str()) != held
+            } else {
+                read.is_none() && held_replica
             };
         if self.server.is_some() && (self.server_shard != Some(shard) || other_server) {
             let current = self.server_shard.unwrap_or(ShardMap::HOME);
@@ -292,8 +301,8 @@ impl Session {
             if !self.pending.is_idle() {
                 if !self.pending.can_sync_early() {
                     let why = if other_server {
-                        "this extended-protocol batch started on a replica and this statement needs \
-                         the primary: send a Sync before it"
+                        "this extended-protocol batch started on a replica and this statement may \
+                         write, so it needs the primary: send a Sync before it"
                             .to_owned()
                     } else {
                         format!(
@@ -319,7 +328,12 @@ impl Session {
             self.server_shard = Some(shard);
             tracing::debug!(%shard, addr = node.as_ref().map(|n| n.addr.as_str()), ?read, "attaching");
             match self.ensure_server().await {
-                Ok(()) => self.server_hold = node.map(|n| n.hold()),
+                Ok(()) => {
+                    if let Some(node) = &node {
+                        node.report_success();
+                    }
+                    self.server_hold = node.map(|n| n.hold());
+                }
                 Err(e) => {
                     let Some(node) = node else { return Err(e) };
                     if !matches!(e, Error::ServerUnavailable { .. } | Error::ServerIo(_)) {
@@ -332,11 +346,7 @@ impl Session {
                     if !(read.is_some() && attempts <= READ_RETRIES_MAX) {
                         return Err(Error::ShardUnavailable {
                             shard,
-                            role: if node.map_primary {
-                                "primary"
-                            } else {
-                                "replica"
-                            },
+                            role: node.role_name(),
                             reason,
                             consequence: "statements that need it fail",
                         });
@@ -348,6 +358,16 @@ impl Session {
             self.txn_wrote = true;
         }
         self.ensure_server().await
+    }
+
+    /// A FunctionCall (the fast path of libpq's `lo_*` functions) may write:
+    /// it runs on the primary, inside the client's transaction.
+    pub(super) async fn attach_function_call(&mut self, map: &ShardMap) -> Result<()> {
+        self.statement_writes = true;
+        let shard = self.server_shard.unwrap_or(ShardMap::HOME);
+        self.attach(shard, map, None).await?;
+        self.start_deferred_transaction();
+        Ok(())
     }
 
     /// Attaches for a message that continues what is in flight (Describe,
@@ -415,10 +435,13 @@ impl Session {
                     shard: down.shard,
                     role: "primary",
                     reason: down.reason,
-                    consequence: if read.is_some() {
-                        "reads that must see this session's last write and writes fail"
-                    } else {
-                        "writes fail"
+                    consequence: match (read, min_lsn) {
+                        (Some(_), Some(_)) => {
+                            "reads that must see this session's last write fail (no replica \
+                             has replayed it), and writes fail"
+                        }
+                        (Some(_), None) => "reads fail (no replica is up) and writes fail",
+                        (None, _) => "writes fail",
                     },
                 })
             }
@@ -543,8 +566,11 @@ impl Session {
             route = router::hint::apply_hint(route, hint, &analysis, map);
         }
         let read = self.read_policy(&analysis, hint.as_ref());
-        // Transaction control writes nothing itself; what ran inside did.
-        self.statement_writes = analysis.kind != StatementKind::Transaction
+        // Transaction control alone writes nothing; what ran inside did. (A
+        // `;` inside the text may separate a write: not alone then.)
+        let control_alone = analysis.kind == StatementKind::Transaction
+            && !sql.trim().trim_end_matches(';').contains(';');
+        self.statement_writes = !control_alone
             && !analysis.replica_safe_with(&self.shared.config.replicas.safe_functions);
         if let Some(shard) = self.forced_shard {
             // Like a hint: it decides what the keys leave open, and a key
@@ -616,6 +642,18 @@ impl Session {
         }
     }
 
+    /// `SET shardline.shard` / `shardline.read_from` (and their RESET forms),
+    /// which the proxy keeps for itself; `None` for any other text.
+    fn apply_proxy_setting(&mut self, sql: &str) -> Option<Result<(), String>> {
+        if let Some(setting) = read_from_setting(sql) {
+            return Some(setting.map(|read_from| {
+                self.read_from = read_from.unwrap_or(self.shared.config.replicas.read_from);
+            }));
+        }
+        let setting = shard_setting(sql)?;
+        Some(setting.map(|shard| self.forced_shard = shard))
+    }
+
     /// Whether a statement may run on a replica, and by which policy: a
     /// replica-safe read (see `router::Analysis`), outside a transaction or
     /// in one begun READ ONLY that has not run anything yet, unless the
@@ -683,21 +721,9 @@ impl Session {
         let Ok(sql) = std::str::from_utf8(text) else {
             return self.run_query_on(ShardMap::HOME, None, frame, map).await;
         };
-        if let Some(setting) = read_from_setting(sql) {
-            return match setting {
-                Ok(read_from) => {
-                    self.read_from = read_from.unwrap_or(self.shared.config.replicas.read_from);
-                    rows::encode_command_complete(&mut self.cout, b"SET");
-                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
-                    Ok(())
-                }
-                Err(why) => self.fail(Error::Refused(why), frontend::QUERY).await,
-            };
-        }
-        if let Some(setting) = shard_setting(sql) {
-            return match setting {
-                Ok(shard) => {
-                    self.forced_shard = shard;
+        if let Some(applied) = self.apply_proxy_setting(sql) {
+            return match applied {
+                Ok(()) => {
                     rows::encode_command_complete(&mut self.cout, b"SET");
                     backend::encode_ready_for_query(&mut self.cout, self.txn_status);
                     Ok(())
@@ -754,7 +780,22 @@ impl Session {
                 self.run_multi(&shards, job, &req, map).await
             }
         };
+        self.note_multi_writes(&job, &shards);
         self.after_multi(result)
+    }
+
+    /// Multi-shard writes (split INSERT and COPY, DDL) committed on each of
+    /// their shards by now, or failed there: either way this session's reads
+    /// must not miss them on a replica.
+    fn note_multi_writes(&mut self, job: &MultiJob, shards: &[ShardId]) {
+        if matches!(job, MultiJob::Scatter(..)) {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        for &shard in shards {
+            self.last_writes
+                .insert(shard, WriteMark::CommittedBefore(now));
+        }
     }
 
     async fn run_query_on(
@@ -770,8 +811,11 @@ impl Session {
         let on_replica = self
             .server_hold
             .as_ref()
-            .is_some_and(|h| !h.node().map_primary);
-        if on_replica && self.pending.is_empty() && self.deferred_begin.is_none() {
+            .is_some_and(|h| h.node().state().in_recovery == Some(true));
+        let alone = self.pending.is_empty()
+            && self.deferred_begin.is_none()
+            && self.txn_status == TransactionStatus::Idle;
+        if read.is_some() && on_replica && alone {
             // Nothing else in flight: if the replica fails before a reply
             // reaches the client, the query can go elsewhere.
             let attempts = self.retry.take().map_or(0, |r| r.attempts);
@@ -901,6 +945,20 @@ impl Session {
         };
         if bind.portal.is_empty() && self.bind_locally(sql) {
             return Ok(());
+        }
+        if bind.portal.is_empty() {
+            // Drivers that run everything as Parse/Bind/Execute (JDBC,
+            // tokio-postgres `execute`) set the proxy's own settings too.
+            match self.apply_proxy_setting(sql) {
+                Some(Ok(())) => {
+                    self.local_portal = Some("SET");
+                    self.pending
+                        .push(Entry::Local(LocalReply::BindComplete), &mut self.cout);
+                    return Ok(());
+                }
+                Some(Err(why)) => return self.fail(Error::Refused(why), frontend::BIND).await,
+                None => {}
+            }
         }
         let params = BindParams::decode(bind.rest)?;
         let route_params = router::Params {
@@ -1143,6 +1201,7 @@ impl Session {
                 }
             }
         };
+        self.note_multi_writes(&batch.job, &batch.shards);
         match result {
             Ok(false) => {
                 for _ in 0..batch.closes {
