@@ -111,8 +111,10 @@ pub struct Session {
     /// A simple-Query read sent to a replica, kept until its first reply
     /// reaches the client, so it can be sent elsewhere if the replica fails.
     retry: Option<Retry>,
-    /// The reply so far to the read in `retry` (its RowDescription).
+    /// The reply so far to the read in `retry` (what precedes its rows).
     held_reply: BytesMut,
+    /// Times the read being sent again has been sent before.
+    retry_attempts: u32,
     /// Counts server connections attached, so that per-connection facts
     /// (the unnamed statement is there) can tell which connection they hold for.
     attach_count: u64,
@@ -169,7 +171,11 @@ enum WriteMark {
 
 /// A read that may be sent again: nothing of its reply has reached the client.
 struct Retry {
-    frame: Frame,
+    /// The client's messages: a Query, or a Bind and what followed it up to
+    /// its Sync.
+    frames: Vec<Frame>,
+    /// The Sync (or the Query) is among `frames`.
+    complete: bool,
     shard: ShardId,
     attempts: u32,
 }
@@ -211,6 +217,7 @@ impl Session {
             last_writes: HashMap::new(),
             retry: None,
             held_reply: BytesMut::new(),
+            retry_attempts: 0,
             attach_count: 0,
             unnamed: None,
             unnamed_sent_on: None,
@@ -343,10 +350,7 @@ impl Session {
     /// client: take it out of rotation and send the read elsewhere.
     async fn retry_read(&mut self, e: Error) -> Result<()> {
         let retry = self.retry.take().expect("checked by the caller");
-        let Some(map) = self.routing_map() else {
-            return Err(e);
-        };
-        if retry.attempts >= READ_RETRIES_MAX {
+        if retry.attempts >= READ_RETRIES_MAX || self.routing_map().is_none() {
             return Err(e);
         }
         if let Some(hold) = &self.server_hold {
@@ -358,12 +362,18 @@ impl Session {
         self.drop_server();
         self.sout.clear();
         self.held_reply.clear();
-        let frame = retry.frame.clone();
-        self.retry = Some(Retry {
-            attempts: retry.attempts + 1,
-            ..retry
-        });
-        self.on_query_routed(&frame, &map).await
+        // The client's messages again, as if just received: the failed
+        // server is out of rotation, so they go elsewhere.
+        self.retry_attempts = retry.attempts + 1;
+        let mut result = Ok(());
+        for frame in retry.frames {
+            result = Box::pin(self.on_client_frame(frame)).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        self.retry_attempts = 0;
+        result
     }
 
     /// Hands the server connection back, or drops it if its state is unknown.
@@ -576,7 +586,21 @@ impl Session {
         let tag = frame.tag();
         // A read may be sent again only while it is the only thing in
         // flight: anything behind it would be lost or answered out of order.
-        self.keep_read();
+        // The rest of its own extended-protocol batch joins it.
+        match &mut self.retry {
+            Some(retry)
+                if !retry.complete
+                    && matches!(
+                        tag,
+                        frontend::DESCRIBE | frontend::EXECUTE | frontend::FLUSH | frontend::SYNC
+                    ) =>
+            {
+                retry.frames.push(frame.clone());
+                retry.complete = tag == frontend::SYNC;
+            }
+            Some(_) => self.keep_read(),
+            None => {}
+        }
         if self.skipping_to_sync {
             if tag == frontend::SYNC {
                 self.skipping_to_sync = false;
@@ -663,6 +687,13 @@ impl Session {
         };
         if let Err(e) = attached {
             return self.report(e, tag);
+        }
+        if tag == frontend::DESCRIBE && map.is_some() && self.mode == PoolMode::Transaction {
+            // Describing a prepared statement runs nothing: on a replica that
+            // fails, it can be asked again elsewhere.
+            let read = (self.txn_status == TransactionStatus::Idle).then_some(self.read_from);
+            let shard = self.server_shard.unwrap_or(router::ShardMap::HOME);
+            self.arm_retry(read, shard, &frame, false);
         }
         match tag {
             frontend::QUERY => {
@@ -930,6 +961,12 @@ impl Session {
                 && frame_len > STREAM_THRESHOLD
                 && self.pending.awaits_server()
             {
+                // Rows reach the client from here on: what is held of the
+                // reply goes first, and the read can no longer be sent again
+                // (as `keep_read`, with the connection borrowed).
+                self.retry = None;
+                self.cout.extend_from_slice(&self.held_reply);
+                self.held_reply.clear();
                 self.server_stream = frame_len;
                 continue;
             }
@@ -997,10 +1034,22 @@ impl Session {
                         "the server is shutting down",
                     )));
                 }
-                if tag == backend::ROW_DESCRIPTION {
-                    // PostgreSQL sends it before running the query: a
+                let complete = self.retry.as_ref().is_some_and(|r| r.complete);
+                if complete
+                    && matches!(
+                        tag,
+                        backend::ROW_DESCRIPTION
+                            | backend::BIND_COMPLETE
+                            | backend::PARSE_COMPLETE
+                            | backend::PARAMETER_DESCRIPTION
+                            | backend::NO_DATA
+                    )
+                {
+                    // PostgreSQL sends these before running the query: a
                     // server that fails while running it can still be
-                    // replaced, so the client sees nothing yet.
+                    // replaced, so the client sees nothing yet. (Only once
+                    // the whole request is in: a client waiting on Flush for
+                    // them must get them.)
                     hold = true;
                 } else {
                     // Rows (or the result) reach the client: no going back

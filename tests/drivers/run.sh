@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs common PostgreSQL drivers through Shardline: psycopg 3, asyncpg and
-# node-postgres, against `shardline dev --pool-size 2` (transaction pooling,
-# fewer server connections than clients, so statements and cancels cross
-# server connections).
+# node-postgres, against `shardline dev --pool-size 2 --replicas 0`
+# (transaction pooling, fewer server connections than clients, so statements
+# and cancels cross server connections; no replicas, so every statement
+# meets the same two server connections, which the checks count on).
 #
 #   tests/drivers/run.sh [psycopg|asyncpg|node ...]   (default: all three)
 #
@@ -162,7 +163,7 @@ DEV_DIR=$(mktemp -d "${TMPDIR:-/tmp}/shardline-drivers.XXXXXX")
 # able to traverse this directory.
 chmod 755 "$DEV_DIR"
 log "starting shardline dev in $DEV_DIR"
-"$BIN" dev --dir "$DEV_DIR/dev" --port 0 --pool-size 2 >"$DEV_DIR/stdout" 2>"$DEV_DIR/stderr" &
+"$BIN" dev --dir "$DEV_DIR/dev" --port 0 --pool-size 2 --replicas 0 >"$DEV_DIR/stdout" 2>"$DEV_DIR/stderr" &
 DEV_PID=$!
 
 URL=""

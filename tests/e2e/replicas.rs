@@ -82,6 +82,22 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
         "a READ ONLY transaction may run on the replica"
     );
     client.batch_execute("COMMIT").await.unwrap();
+    // A row larger than the proxy buffers whole streams through after the
+    // RowDescription it held back (both protocols).
+    let messages = client
+        .simple_query("SELECT repeat('y', 300000), pg_is_in_recovery()")
+        .await
+        .unwrap();
+    let big = messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some((r.get(0).unwrap().len(), r.get(1) == Some("t"))),
+        _ => None,
+    });
+    assert_eq!(big, Some((300_000, true)));
+    let row = client
+        .query_one("SELECT repeat('y', 300000), pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0).len(), 300_000);
     let hinted = "/* shardline: primary */ SELECT pg_is_in_recovery()";
     assert_eq!(in_recovery(&client, hinted).await, Some(false));
     let locking = "SELECT pg_is_in_recovery() FROM t WHERE id = 1 FOR UPDATE";
@@ -203,12 +219,22 @@ async fn a_dead_replica_costs_readers_no_errors() {
     let reads = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut readers = Vec::new();
-    for _ in 0..16 {
+    for i in 0..16 {
         let client = env.client().await;
         let reads = reads.clone();
         readers.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                if let Err(e) = client.simple_query("SELECT count(*) FROM t").await {
+                // Half the clients use the extended protocol (prepare, then
+                // Bind/Execute), half simple queries.
+                let result = if i % 2 == 0 {
+                    client
+                        .simple_query("SELECT count(*) FROM t")
+                        .await
+                        .map(drop)
+                } else {
+                    client.query("SELECT count(*) FROM t", &[]).await.map(drop)
+                };
+                if let Err(e) = result {
                     let message = e.as_db_error().map(|d| d.message().to_owned());
                     return Some(format!("{}: {e} {message:?}", sqlstate(&e)));
                 }

@@ -808,23 +808,7 @@ impl Session {
         if let Err(e) = self.attach(shard, map, read).await {
             return self.fail(e, frontend::QUERY).await;
         }
-        let on_replica = self
-            .server_hold
-            .as_ref()
-            .is_some_and(|h| h.node().state().in_recovery == Some(true));
-        let alone = self.pending.is_empty()
-            && self.deferred_begin.is_none()
-            && self.txn_status == TransactionStatus::Idle;
-        if read.is_some() && on_replica && alone {
-            // Nothing else in flight: if the replica fails before a reply
-            // reaches the client, the query can go elsewhere.
-            let attempts = self.retry.take().map_or(0, |r| r.attempts);
-            self.retry = Some(Retry {
-                frame: frame.clone(),
-                shard,
-                attempts,
-            });
-        }
+        self.arm_retry(read, shard, frame, true);
         self.start_deferred_transaction();
         let effects = self.effects_of(frontend::query_text(frame.body())?);
         self.forward(frame, Entry::with_effects(Expect::Ready, effects));
@@ -996,11 +980,41 @@ impl Session {
         if let Err(e) = self.attach(shard, map, read).await {
             return self.fail(e, frontend::BIND).await;
         }
+        self.arm_retry(read, shard, frame, false);
         self.start_deferred_transaction();
         if bind.statement.is_empty() {
             self.send_unnamed();
         }
         self.on_bind(frame)
+    }
+
+    /// Keeps a read that runs on a replica, with nothing else in flight and
+    /// outside a transaction, so that it can be sent elsewhere if the
+    /// replica fails before its rows reach the client. `complete`: the
+    /// frame is the whole request (a simple Query); else (a Bind) the
+    /// messages up to its Sync join it as they come.
+    pub(super) fn arm_retry(
+        &mut self,
+        read: Option<ReadFrom>,
+        shard: ShardId,
+        frame: &Frame,
+        complete: bool,
+    ) {
+        let on_replica = self
+            .server_hold
+            .as_ref()
+            .is_some_and(|h| h.node().state().in_recovery == Some(true));
+        let alone = self.pending.is_empty()
+            && self.deferred_begin.is_none()
+            && self.txn_status == TransactionStatus::Idle;
+        if read.is_some() && on_replica && alone {
+            self.retry = Some(Retry {
+                frames: vec![frame.clone()],
+                complete,
+                shard,
+                attempts: self.retry_attempts,
+            });
+        }
     }
 
     /// BEGIN, and COMMIT/ROLLBACK of a transaction no server has seen yet,
