@@ -108,8 +108,9 @@ pub struct Session {
     /// Per shard, the session's last write: its reads go only to replicas
     /// that have replayed it.
     last_writes: HashMap<ShardId, WriteMark>,
-    /// A simple-Query read sent to a replica, kept until its first reply
-    /// reaches the client, so it can be sent elsewhere if the replica fails.
+    /// A read sent to a replica (a Query, or a Bind or Describe and the rest
+    /// of its batch), kept until its first row reaches the client, so it
+    /// can be sent elsewhere if the replica fails.
     retry: Option<Retry>,
     /// The reply so far to the read in `retry` (what precedes its rows).
     held_reply: BytesMut,
@@ -608,6 +609,12 @@ impl Session {
             }
             return Ok(());
         }
+        if self.pending.is_skipping() && matches!(tag, frontend::QUERY | frontend::FUNCTION_CALL) {
+            // After an error in an extended-protocol batch PostgreSQL ignores
+            // everything up to the Sync, a Query too: so does the proxy,
+            // which would otherwise wait for a reply that never comes.
+            return Ok(());
+        }
         if self.multi_batch.is_some() {
             // `false`: the batch ran, and this frame is handled as usual.
             if self.on_multi_batch_frame(&frame).await? {
@@ -688,7 +695,9 @@ impl Session {
         if let Err(e) = attached {
             return self.report(e, tag);
         }
-        if tag == frontend::DESCRIBE && map.is_some() && self.mode == PoolMode::Transaction {
+        let describes_statement = tag == frontend::DESCRIBE
+            && Target::decode(frame.body()).is_ok_and(|t| t.kind == frontend::TARGET_STATEMENT);
+        if describes_statement && map.is_some() && self.mode == PoolMode::Transaction {
             // Describing a prepared statement runs nothing: on a replica that
             // fails, it can be asked again elsewhere.
             let read = (self.txn_status == TransactionStatus::Idle).then_some(self.read_from);
@@ -1040,7 +1049,6 @@ impl Session {
                         tag,
                         backend::ROW_DESCRIPTION
                             | backend::BIND_COMPLETE
-                            | backend::PARSE_COMPLETE
                             | backend::PARAMETER_DESCRIPTION
                             | backend::NO_DATA
                     )

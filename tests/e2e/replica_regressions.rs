@@ -366,3 +366,97 @@ async fn ryw_async_commit() {
     eprintln!("stale {stale} of 200; on replica {on_replica}");
     assert_eq!(stale, 0);
 }
+
+/// An error in an extended batch without Sync makes the server skip what
+/// follows up to the Sync. A Bind sent meanwhile was kept as a read to send
+/// again, and when the replica died it ran elsewhere: the client got a
+/// BindComplete and rows PostgreSQL never sends for skipped messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipped_messages_are_not_run_elsewhere() {
+    let env = ReplicaEnv::start(1, "", "", true).await;
+    let mut raw = Raw::login(env.addr).await;
+    raw.parse("", "SELECT 1/(id-id) FROM t WHERE id = 1 /* skipped1 */")
+        .bind("", &[])
+        .execute()
+        .flush();
+    let got = raw.replies_within(|r| r.starts_with("E:"), 10).await;
+    assert!(got.is_some_and(|g| g.contains(&"E:22012".to_owned())));
+    raw.parse("", "SELECT pg_is_in_recovery()")
+        .bind("", &[])
+        .execute()
+        .flush();
+    raw.send().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(terminate(&env.replicas[0], "skipped1").await, 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    raw.sync();
+    let got = raw
+        .replies_within(|r| r.starts_with("Z:") || r == "EOF", 10)
+        .await
+        .unwrap_or_default();
+    assert!(
+        !got.iter().any(|r| r == "2" || r.starts_with("D:")),
+        "skipped messages ran: {got:?}"
+    );
+}
+
+/// A Describe or Execute of a portal bound on the dead connection was sent
+/// again on a fresh one, where the portal does not exist (34000 instead of
+/// the lost connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_of_a_dead_connection_is_not_replayed() {
+    let env = ReplicaEnv::start(1, "", "", true).await;
+    let mut raw = Raw::login(env.addr).await;
+    raw.parse(
+        "",
+        "SELECT pg_is_in_recovery() FROM pg_sleep(2) /* portal1 */",
+    )
+    .bind("", &[])
+    .flush();
+    let got = raw.replies_within(|r| r == "2", 10).await;
+    assert!(got.is_some(), "no BindComplete");
+    raw.describe(b'P', "").execute().sync();
+    raw.send().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(terminate(&env.replicas[0], "portal1").await, 1);
+    let got = raw
+        .replies_within(|r| r.starts_with("Z:") || r == "EOF", 10)
+        .await
+        .unwrap_or_default();
+    assert!(!got.contains(&"E:34000".to_owned()), "{got:?}");
+}
+
+/// A simple Query sent while the server skips to Sync after an error is
+/// ignored by PostgreSQL; the proxy waited for its reply, and every later
+/// query of the session hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_while_skipping_to_sync_does_not_hang_the_session() {
+    let env = ReplicaEnv::start(1, "", "", true).await;
+    let mut raw = Raw::login(env.addr).await;
+    raw.parse("", "SELECT 1/(id-id) FROM t WHERE id = 1")
+        .bind("", &[])
+        .execute()
+        .flush();
+    let got = raw.replies_within(|r| r.starts_with("E:"), 10).await;
+    assert!(got.is_some());
+    raw.query("SELECT 5");
+    raw.send().await;
+    raw.sync();
+    let got = raw.replies_within(|r| r.starts_with("Z:"), 5).await;
+    assert_eq!(
+        got,
+        Some(vec!["Z:I".to_owned()]),
+        "the skipped Query got a reply"
+    );
+    raw.query("SELECT 6");
+    let got = raw.replies_within(|r| r.starts_with("Z:"), 5).await;
+    assert_eq!(
+        got,
+        Some(vec![
+            "T".into(),
+            "D:6".into(),
+            "C:SELECT 1".into(),
+            "Z:I".into()
+        ])
+    );
+}

@@ -1004,7 +1004,10 @@ impl Session {
             .server_hold
             .as_ref()
             .is_some_and(|h| h.node().state().in_recovery == Some(true));
-        let alone = self.pending.is_empty()
+        // Everything before it answered, the server not skipping to a Sync
+        // after an error, and nothing open that a new connection lacks
+        // (named statements and the held unnamed one are prepared again).
+        let alone = (self.pending.is_idle() || self.pending.can_sync_early())
             && self.deferred_begin.is_none()
             && self.txn_status == TransactionStatus::Idle;
         if read.is_some() && on_replica && alone {
