@@ -61,13 +61,33 @@ pub struct NodeState {
 }
 
 impl Node {
+    /// A copy of what the probes said (allocates: for reports, not routing).
     pub fn state(&self) -> NodeState {
-        self.state.lock().expect("lock poisoned").clone()
+        self.read(NodeState::clone)
+    }
+
+    /// Looks at the state without copying it.
+    fn read<T>(&self, f: impl FnOnce(&NodeState) -> T) -> T {
+        f(&self.state.lock().expect("lock poisoned"))
+    }
+
+    /// Why this node takes no work: its last error.
+    fn unavailable(&self) -> Unavailable {
+        let reason = self.read(|s| s.last_error.clone());
+        Unavailable {
+            shard: self.shard,
+            reason: reason.unwrap_or_else(|| "it failed recently".to_owned()),
+        }
+    }
+
+    /// `pg_is_in_recovery()` as last probed.
+    pub fn in_recovery(&self) -> Option<bool> {
+        self.read(|s| s.in_recovery)
     }
 
     /// "primary" or "replica": as the server last said, else as the map says.
     pub fn role_name(&self) -> &'static str {
-        match self.state().in_recovery {
+        match self.in_recovery() {
             Some(true) => "replica",
             Some(false) => "primary",
             None if self.map_primary => "primary",
@@ -301,7 +321,7 @@ impl Backends {
     /// promoted replica) when the map's primary is down or in recovery.
     pub fn primary(&self, nodes: &ShardNodes) -> Result<Arc<Node>, Unavailable> {
         let map_primary = &nodes.nodes[0];
-        let state = map_primary.state();
+        let (in_recovery, closed) = map_primary.read(|s| (s.in_recovery, Node::is_closed(s)));
         if self.settings.role == Role::Auto {
             // A replica that left recovery was promoted: it takes the writes,
             // also after the old primary comes back. Two servers that both
@@ -309,21 +329,15 @@ impl Backends {
             // not have them.
             let promoted: Vec<&Arc<Node>> = nodes.nodes[1..]
                 .iter()
-                .filter(|n| n.state().in_recovery == Some(false))
+                .filter(|n| n.in_recovery() == Some(false))
                 .collect();
             match promoted.as_slice() {
                 [] => {}
-                [one] if state.in_recovery != Some(false) || !Node::is_closed(&state) => {
-                    let s = one.state();
-                    if Node::is_closed(&s) {
-                        return Ok((*one).clone());
-                    }
-                    return Err(Unavailable {
-                        shard: nodes.id,
-                        reason: s
-                            .last_error
-                            .unwrap_or_else(|| "it failed recently".to_owned()),
-                    });
+                [one] if in_recovery != Some(false) || !closed => {
+                    return match one.read(Node::is_closed) {
+                        true => Ok((*one).clone()),
+                        false => Err(one.unavailable()),
+                    };
                 }
                 _ => {
                     return Err(Unavailable {
@@ -335,13 +349,8 @@ impl Backends {
                 }
             }
         }
-        if !Node::is_closed(&state) {
-            return Err(Unavailable {
-                shard: nodes.id,
-                reason: state
-                    .last_error
-                    .unwrap_or_else(|| "it failed recently".to_owned()),
-            });
+        if !closed {
+            return Err(map_primary.unavailable());
         }
         Ok(map_primary.clone())
     }
@@ -365,21 +374,22 @@ impl Backends {
         (0..count)
             .map(|i| &nodes.nodes[(start + i) % count])
             .filter(|node| {
-                let s = node.state();
-                let Some(at) = s.sampled_at else { return false };
-                if s.in_recovery != Some(true)
-                    || !Node::is_closed(&s)
+                let (in_recovery, lsn, sampled_at, closed) =
+                    node.read(|s| (s.in_recovery, s.lsn, s.sampled_at, Node::is_closed(s)));
+                let Some(at) = sampled_at else { return false };
+                if in_recovery != Some(true)
+                    || !closed
                     || now.saturating_duration_since(at) > stale_after
                 {
                     return false;
                 }
-                if min_lsn.is_some_and(|min| s.lsn < min) {
+                if min_lsn.is_some_and(|min| lsn < min) {
                     return false;
                 }
                 if read_from == ReadFrom::Replica {
                     return true;
                 }
-                let (bytes, time) = nodes.lag_of(s.lsn, at);
+                let (bytes, time) = nodes.lag_of(lsn, at);
                 bytes <= self.settings.max_replica_lag_bytes
                     && time <= self.settings.max_replica_lag
             })

@@ -39,6 +39,16 @@ pub const STREAM_THRESHOLD: usize = 64 << 10;
 /// own ceiling for one message is 1 GB.
 const FRAME_BYTES_MAX: u32 = (1 << 30) - 1;
 
+/// Gives up sending the read in flight elsewhere: what is held of its reply
+/// goes to the client. (Field by field, for callers holding the server
+/// connection borrowed.)
+fn keep_read(retry: &mut Option<Retry>, held: &mut BytesMut, cout: &mut BytesMut) {
+    if retry.take().is_some() {
+        cout.extend_from_slice(held);
+        held.clear();
+    }
+}
+
 /// An ErrorResponse that means the server is ending the connection (it is
 /// shutting down or crashed), not that the statement failed.
 fn server_going_away(body: &[u8]) -> bool {
@@ -341,10 +351,7 @@ impl Session {
     /// Gives up the chance to send the read in flight elsewhere: what is held
     /// of its reply goes to the client.
     fn keep_read(&mut self) {
-        if self.retry.take().is_some() {
-            self.cout.extend_from_slice(&self.held_reply);
-            self.held_reply.clear();
-        }
+        keep_read(&mut self.retry, &mut self.held_reply, &mut self.cout);
     }
 
     /// The replica running a read failed before any of its reply reached the
@@ -695,9 +702,11 @@ impl Session {
         if let Err(e) = attached {
             return self.report(e, tag);
         }
-        let describes_statement = tag == frontend::DESCRIBE
-            && Target::decode(frame.body()).is_ok_and(|t| t.kind == frontend::TARGET_STATEMENT);
-        if describes_statement && map.is_some() && self.mode == PoolMode::Transaction {
+        let routed_describe =
+            tag == frontend::DESCRIBE && map.is_some() && self.mode == PoolMode::Transaction;
+        if routed_describe
+            && Target::decode(frame.body()).is_ok_and(|t| t.kind == frontend::TARGET_STATEMENT)
+        {
             // Describing a prepared statement runs nothing: on a replica that
             // fails, it can be asked again elsewhere.
             let read = (self.txn_status == TransactionStatus::Idle).then_some(self.read_from);
@@ -971,11 +980,8 @@ impl Session {
                 && self.pending.awaits_server()
             {
                 // Rows reach the client from here on: what is held of the
-                // reply goes first, and the read can no longer be sent again
-                // (as `keep_read`, with the connection borrowed).
-                self.retry = None;
-                self.cout.extend_from_slice(&self.held_reply);
-                self.held_reply.clear();
+                // reply goes first, and the read can no longer be sent again.
+                keep_read(&mut self.retry, &mut self.held_reply, &mut self.cout);
                 self.server_stream = frame_len;
                 continue;
             }
@@ -1060,11 +1066,8 @@ impl Session {
                     // them must get them.)
                     hold = true;
                 } else {
-                    // Rows (or the result) reach the client: no going back
-                    // (as `keep_read`, with the connection borrowed).
-                    self.retry = None;
-                    self.cout.extend_from_slice(&self.held_reply);
-                    self.held_reply.clear();
+                    // Rows (or the result) reach the client: no going back.
+                    keep_read(&mut self.retry, &mut self.held_reply, &mut self.cout);
                 }
             }
             if hold {

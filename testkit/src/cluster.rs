@@ -265,8 +265,7 @@ impl Cluster {
         }
         upgrade_pg_hba(&dir)?;
         stop_stale(&dir)?;
-
-        let mut cluster = Cluster {
+        Cluster {
             port,
             socket_dir: dir.clone(),
             log_path: log_path_in(&dir),
@@ -278,11 +277,15 @@ impl Cluster {
             extra_settings: extra_settings.to_vec(),
             postmaster: None,
             temp_dir: None,
-        };
-        cluster
-            .start_postmaster()
-            .map_err(|failure| failure.error)?;
-        Ok(cluster)
+        }
+        .started()
+    }
+
+    /// Starts a cluster put together by the caller (a persistent one: no
+    /// temporary directory) and hands it back running.
+    fn started(mut self) -> anyhow::Result<Cluster> {
+        self.start_postmaster().map_err(|failure| failure.error)?;
+        Ok(self)
     }
 
     pub(crate) fn open_persistent_replica(
@@ -301,7 +304,7 @@ impl Cluster {
         primary.write_passfile(&passfile)?;
         extra_settings.push(primary.conninfo_setting(&passfile));
 
-        let mut cluster = Cluster {
+        Cluster {
             port,
             socket_dir: dir.clone(),
             log_path: log_path_in(&dir),
@@ -313,11 +316,8 @@ impl Cluster {
             extra_settings,
             postmaster: None,
             temp_dir: None,
-        };
-        cluster
-            .start_postmaster()
-            .map_err(|failure| failure.error)?;
-        Ok(cluster)
+        }
+        .started()
     }
 
     /// Starts the server on `self.port`, blocking until it accepts connections.

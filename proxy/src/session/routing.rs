@@ -265,7 +265,7 @@ impl Session {
         let held_replica = self
             .server_hold
             .as_ref()
-            .is_some_and(|h| h.node().state().in_recovery != Some(false));
+            .is_some_and(|h| h.node().in_recovery() != Some(false));
         let other_server = self.server.is_some()
             && self.server_shard == Some(shard)
             && !in_transaction
@@ -565,13 +565,13 @@ impl Session {
         if let Some(hint) = &hint {
             route = router::hint::apply_hint(route, hint, &analysis, map);
         }
-        let read = self.read_policy(&analysis, hint.as_ref());
+        let safe = analysis.replica_safe_with(&self.shared.config.replicas.safe_functions);
+        let read = self.read_policy(safe, hint.as_ref());
         // Transaction control alone writes nothing; what ran inside did. (A
         // `;` inside the text may separate a write: not alone then.)
         let control_alone = analysis.kind == StatementKind::Transaction
             && !sql.trim().trim_end_matches(';').contains(';');
-        self.statement_writes = !control_alone
-            && !analysis.replica_safe_with(&self.shared.config.replicas.safe_functions);
+        self.statement_writes = !control_alone && !safe;
         if let Some(shard) = self.forced_shard {
             // Like a hint: it decides what the keys leave open, and a key
             // that says otherwise is refused rather than overruled.
@@ -655,14 +655,10 @@ impl Session {
     }
 
     /// Whether a statement may run on a replica, and by which policy: a
-    /// replica-safe read (see `router::Analysis`), outside a transaction or
+    /// replica-safe read (`safe`, see `router::Analysis`), outside a transaction or
     /// in one begun READ ONLY that has not run anything yet, unless the
     /// session or a hint says primary.
-    fn read_policy(
-        &self,
-        analysis: &router::Analysis,
-        hint: Option<&router::hint::Hint>,
-    ) -> Option<ReadFrom> {
+    fn read_policy(&self, safe: bool, hint: Option<&router::hint::Hint>) -> Option<ReadFrom> {
         let read_from = match hint {
             Some(router::hint::Hint::Primary) => return None,
             Some(router::hint::Hint::Replica) => ReadFrom::Replica,
@@ -671,7 +667,6 @@ impl Session {
         let fresh_transaction = self.mode == crate::config::PoolMode::Transaction
             && (self.txn_status == TransactionStatus::Idle
                 || (self.deferred_begin.is_some() && self.begin_read_only));
-        let safe = analysis.replica_safe_with(&self.shared.config.replicas.safe_functions);
         (read_from != ReadFrom::Primary && fresh_transaction && safe).then_some(read_from)
     }
 
@@ -1003,7 +998,7 @@ impl Session {
         let on_replica = self
             .server_hold
             .as_ref()
-            .is_some_and(|h| h.node().state().in_recovery == Some(true));
+            .is_some_and(|h| h.node().in_recovery() == Some(true));
         // Everything before it answered, the server not skipping to a Sync
         // after an error, and nothing open that a new connection lacks
         // (named statements and the held unnamed one are prepared again).
