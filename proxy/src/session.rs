@@ -79,6 +79,19 @@ async fn write_some<W: AsyncWrite + Unpin>(
     Ok(n)
 }
 
+/// Sends what the socket takes of `buf` now and drops the sent bytes; a full
+/// socket is not an error (the event loop waits for it to drain).
+fn try_write(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
+    match stream.try_write(&buf[..]) {
+        Ok(n) => {
+            buf.advance(n);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// A client's named prepared statement.
 struct ClientStatement {
     /// Content hash; the server-side name is `sl_<hash>`.
@@ -290,6 +303,7 @@ impl Session {
             return Ok(true);
         }
         self.process_server()?;
+        self.write_ready()?;
         self.maybe_release();
 
         // Back-pressure: read a side only while the other side's output has room.
@@ -346,6 +360,27 @@ impl Session {
             }
         }
         Ok(false)
+    }
+
+    /// Writes what the sockets take right now, without waiting. A reply or a
+    /// request usually fits in the socket buffer at once, so most turns of
+    /// the loop need no writable wakeup and no extra pass through `select!`.
+    fn write_ready(&mut self) -> Result<()> {
+        if let Some(conn) = self.server.as_deref_mut() {
+            if !self.sout.is_empty() {
+                match try_write(&conn.stream, &mut self.sout) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        conn.broken = true;
+                        return Err(Error::ServerIo(e));
+                    }
+                }
+            }
+        }
+        if !self.cout.is_empty() {
+            try_write(&self.client, &mut self.cout).map_err(Error::ClientIo)?;
+        }
+        Ok(())
     }
 
     /// Gives up the chance to send the read in flight elsewhere: what is held
