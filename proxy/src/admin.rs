@@ -13,6 +13,7 @@ use wire::backend::{self, TransactionStatus};
 use wire::{frontend, rows, Frame};
 
 use crate::error::{Error, Result};
+use crate::result_cache::ResultCache;
 use crate::shared::Shared;
 
 /// The database name that reaches the console instead of a server.
@@ -78,6 +79,20 @@ fn answer(shared: &Shared, sql: &str, out: &mut BytesMut) {
     let command: Vec<&str> = command.split_whitespace().collect();
     match command.as_slice() {
         ["SHOW", "SHARDS"] => show_shards(shared, out),
+        ["SHOW", "CACHE"] => show_cache(shared, out),
+        ["CACHE", verb @ ("ENABLE" | "DISABLE"), _] => {
+            // The table name as written (the command was upper-cased).
+            let table = sql.split_whitespace().nth(2).unwrap_or_default();
+            let table = table.trim_end_matches(';').trim_matches('"');
+            cache_command(shared, out, |cache| {
+                if *verb == "ENABLE" {
+                    cache.enable(table);
+                } else {
+                    cache.disable(table);
+                }
+            });
+        }
+        ["CACHE", "FLUSH"] => cache_command(shared, out, |cache| cache.store.flush()),
         ["SHOW", "VERSION"] => {
             rows::encode_text_row_description(out, &["version"]);
             let version = concat!("Shardline ", env!("CARGO_PKG_VERSION"));
@@ -87,12 +102,123 @@ fn answer(shared: &Shared, sql: &str, out: &mut BytesMut) {
         [] => rows::encode_empty(out, backend::EMPTY_QUERY_RESPONSE),
         _ => {
             let message = format!(
-                "unsupported admin console command \"{}\"; the console answers SHOW SHARDS and SHOW VERSION",
+                "unsupported admin console command \"{}\"; the console answers SHOW SHARDS, \
+                 SHOW CACHE, SHOW VERSION, CACHE ENABLE table, CACHE DISABLE table and CACHE FLUSH",
                 sql.trim()
             );
             backend::encode_error(out, backend::ERROR_RESPONSE, "ERROR", "0A000", &message);
         }
     }
+}
+
+/// Runs a cache command, or explains that there is no cache.
+fn cache_command(shared: &Shared, out: &mut BytesMut, run: impl FnOnce(&ResultCache)) {
+    match &shared.cache {
+        Some(cache) => {
+            run(cache);
+            rows::encode_command_complete(out, b"CACHE");
+        }
+        None => backend::encode_error(
+            out,
+            backend::ERROR_RESPONSE,
+            "ERROR",
+            "0A000",
+            "this proxy has no cache: it caches sharded tables, and follows no shard map",
+        ),
+    }
+}
+
+/// One row: the cache's counters, its tables, and each change feed's state
+/// (a shard whose feed is down or behind is not served from the cache).
+fn show_cache(shared: &Shared, out: &mut BytesMut) {
+    const COLUMNS: [&str; 16] = [
+        "tables",
+        "hits",
+        "misses",
+        "hit_ratio",
+        "fills",
+        "fills_stale",
+        "fills_too_large",
+        "evictions",
+        "expirations",
+        "key_invalidations",
+        "table_invalidations",
+        "entries",
+        "bytes",
+        "max_bytes",
+        "max_stream_lag_ms",
+        "feeds",
+    ];
+    rows::encode_text_row_description(out, &COLUMNS);
+    let Some(cache) = &shared.cache else {
+        rows::encode_command_complete(out, b"SHOW 0");
+        return;
+    };
+    cache.store.run_pending_tasks();
+    let s = cache.stats();
+    let lookups = s.hits + s.misses;
+    let ratio = if lookups == 0 {
+        0.0
+    } else {
+        s.hits as f64 / lookups as f64
+    };
+    let map = shared.follower.as_ref().map(|f| f.map());
+    let feeds: Vec<String> = cache
+        .feeds()
+        .iter()
+        .map(|feed| {
+            let info = feed.info();
+            let lag = map
+                .as_ref()
+                .and_then(|m| {
+                    let shard = m.shards.values().find(|s| s.primary == feed.addr)?;
+                    shared.backends.shard(shard.id, m)
+                })
+                .and_then(|nodes| nodes.stream_lag(feed.position(), Instant::now()));
+            let state = match (feed.connected(), lag) {
+                (true, Some(lag)) if lag <= cache.config().max_stream_lag => {
+                    format!("serving (lag {} ms)", lag.as_millis())
+                }
+                (true, Some(lag)) => format!("behind (lag {} ms): bypassed", lag.as_millis()),
+                (true, None) => "no WAL position from the monitor yet: bypassed".to_owned(),
+                (false, _) => format!(
+                    "down: bypassed ({})",
+                    info.last_error.as_deref().unwrap_or("connecting")
+                ),
+            };
+            let mut text = format!(
+                "{} {state} at {}, published [{}]",
+                feed.addr,
+                cache::pgoutput::format_lsn(feed.position()),
+                feed.published().join(", ")
+            );
+            for left in &info.left_out {
+                text.push_str(&format!("; {} not published: {}", left.table, left.reason));
+            }
+            text
+        })
+        .collect();
+    let values = [
+        cache.tables().join(", "),
+        s.hits.to_string(),
+        s.misses.to_string(),
+        format!("{ratio:.4}"),
+        s.fills.to_string(),
+        s.fills_stale.to_string(),
+        s.fills_too_large.to_string(),
+        s.evictions.to_string(),
+        s.expirations.to_string(),
+        s.key_invalidations.to_string(),
+        s.table_invalidations.to_string(),
+        s.entries.to_string(),
+        s.bytes.to_string(),
+        cache.config().max_bytes.to_string(),
+        cache.config().max_stream_lag.as_millis().to_string(),
+        feeds.join("\n"),
+    ];
+    let values: Vec<Option<&[u8]>> = values.iter().map(|v| Some(v.as_bytes())).collect();
+    rows::encode_data_row(out, &values);
+    rows::encode_command_complete(out, b"SHOW 1");
 }
 
 /// One row per server of the shard map: its place in the map, the role it

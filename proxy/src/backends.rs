@@ -217,6 +217,21 @@ impl ShardNodes {
         samples.iter().find(|(t, _)| *t > after).map(|s| s.1)
     }
 
+    /// How far behind the primary a reader of its WAL that has applied
+    /// everything up to `lsn` is, at `at`: the age of the oldest primary
+    /// sample past `lsn` (zero when there is none). `None` before the first
+    /// sample: nothing is known yet.
+    pub fn stream_lag(&self, lsn: u64, at: Instant) -> Option<Duration> {
+        let samples = self.samples.lock().expect("lock poisoned");
+        samples.back()?;
+        Some(
+            samples
+                .iter()
+                .find(|(_, primary)| *primary > lsn)
+                .map_or(Duration::ZERO, |(t, _)| at.saturating_duration_since(*t)),
+        )
+    }
+
     pub fn has_replicas(&self) -> bool {
         self.nodes.len() > 1
     }
@@ -539,11 +554,7 @@ async fn probe(
     Ok((false, record_end(lsn, block, segment)))
 }
 
-/// A `pg_lsn` in its text form `X/Y`.
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (hi, lo) = text.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-}
+pub use cache::pgoutput::parse_lsn;
 
 #[cfg(test)]
 mod tests {

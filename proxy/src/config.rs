@@ -28,6 +28,48 @@ pub struct Config {
     pub metadata: Option<MetadataConfig>,
     #[serde(default)]
     pub replicas: ReplicaConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// The result cache for point reads of sharded tables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Sharded tables whose point reads (`WHERE key = ...`) are cached; more
+    /// can be enabled at run time from the admin console (`CACHE ENABLE t`).
+    pub tables: Vec<String>,
+    /// Total bytes of cached replies (with their keys and bookkeeping).
+    pub max_bytes: u64,
+    /// Replies larger than this are not cached.
+    pub entry_bytes_max: usize,
+    /// A safety net: entries are dropped this long after they were filled.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Entries not read for this long are dropped (none when absent).
+    #[serde(with = "humantime_serde")]
+    pub tti: Option<Duration>,
+    /// The cache serves a shard only while its WAL change feed is connected
+    /// and has applied every commit older than this; otherwise reads bypass it.
+    #[serde(with = "humantime_serde")]
+    pub max_stream_lag: Duration,
+    /// How often the change feed asks the server how far it has sent.
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            tables: Vec::new(),
+            max_bytes: 64 << 20,
+            entry_bytes_max: 64 << 10,
+            ttl: Duration::from_secs(60),
+            tti: None,
+            max_stream_lag: Duration::from_secs(1),
+            status_interval: Duration::from_millis(100),
+        }
+    }
 }
 
 /// Read routing to the shard map's streaming replicas.

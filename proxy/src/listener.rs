@@ -142,6 +142,9 @@ async fn watch_servers(shared: std::sync::Weak<Shared>) {
         for &id in map.shards.keys() {
             shared.backends.shard(id, &map);
         }
+        if let Some(cache) = &shared.cache {
+            cache.ensure_feeds(&map);
+        }
     }
 }
 

@@ -71,6 +71,16 @@ pub struct ServerConn {
 impl ServerConn {
     /// Connects and logs in. Cancel-safe: dropping the future drops the socket.
     pub async fn connect(target: &ServerTarget, prepared_max: u32) -> Result<ServerConn> {
+        Self::connect_with(target, prepared_max, &[]).await
+    }
+
+    /// [`ServerConn::connect`] with `extra` startup parameters after user and
+    /// database, e.g. `("replication", "database")`. Cancel-safe.
+    pub async fn connect_with(
+        target: &ServerTarget,
+        prepared_max: u32,
+        extra: &[(&str, &str)],
+    ) -> Result<ServerConn> {
         let unavailable = |reason: String| Error::ServerUnavailable {
             database: target.database.clone(),
             reason,
@@ -81,7 +91,7 @@ impl ServerConn {
                 .map_err(|e| unavailable(e.to_string()))?;
             stream.set_nodelay(true).map_err(Error::ServerIo)?;
             let addr = stream.peer_addr().map_err(Error::ServerIo)?;
-            Self::login(stream, addr, target, prepared_max).await
+            Self::login(stream, addr, target, prepared_max, extra).await
         };
         match tokio::time::timeout(target.connect_timeout, login).await {
             Ok(result) => result,
@@ -97,13 +107,16 @@ impl ServerConn {
         addr: SocketAddr,
         target: &ServerTarget,
         prepared_max: u32,
+        extra: &[(&str, &str)],
     ) -> Result<ServerConn> {
         let mut out = BytesMut::new();
         frontend::startup_message(
             [
                 ("user", target.user.as_str()),
                 ("database", target.database.as_str()),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied()),
             &mut out,
         )
         .map_err(|e| Error::ServerProtocol(e.to_string()))?;

@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::params;
 use crate::pending::{Effects, Entry, Expect, LocalReply, Pending};
 use crate::pool::{Pool, Pooled};
+use crate::result_cache::{Fill, Invalidations, PointRead};
 use crate::server::{statement_name, ParamState};
 use crate::shared::Shared;
 use router::{SessionEffect, ShardId};
@@ -182,6 +183,12 @@ pub struct Session {
     skipping_to_sync: bool,
     cancel_target: CancelTarget,
     terminated: bool,
+    /// The statement being routed is a point read the cache may answer.
+    point_read: Option<PointRead>,
+    /// A cache miss whose reply is being read from the primary.
+    fill: Option<Fill>,
+    /// What this transaction's writes invalidate in the cache when it ends.
+    cache_writes: Invalidations,
 }
 
 /// What a session knows of its last write on a shard.
@@ -268,6 +275,9 @@ impl Session {
             skipping_to_sync: false,
             cancel_target: login.cancel_target,
             terminated: false,
+            point_read: None,
+            fill: None,
+            cache_writes: Invalidations::default(),
         }
     }
 
@@ -393,6 +403,7 @@ impl Session {
     /// client: take it out of rotation and send the read elsewhere.
     async fn retry_read(&mut self, e: Error) -> Result<()> {
         let retry = self.retry.take().expect("checked by the caller");
+        self.fill = None;
         if retry.attempts >= READ_RETRIES_MAX || self.routing_map().is_none() {
             return Err(e);
         }
@@ -456,8 +467,20 @@ impl Session {
         }
     }
 
+    /// Applies what the writes of the transaction that just ended (or
+    /// whose connection was lost: it may have committed) invalidate.
+    fn apply_cache_writes(&mut self) {
+        if self.cache_writes.is_empty() {
+            return;
+        }
+        if let Some(cache) = &self.shared.cache {
+            cache.apply(&mut self.cache_writes);
+        }
+    }
+
     /// Hands the server connection back to its pool.
     fn release_server(&mut self) {
+        self.apply_cache_writes();
         if let Some(mut conn) = self.server.take() {
             if !conn.buf.is_empty() {
                 // Bytes nobody asked for: the connection is out of step.
@@ -472,6 +495,8 @@ impl Session {
     /// Closes the attached server connection (its state is unknown, or
     /// rolling back is the point) and forgets what was owed from it.
     fn drop_server(&mut self) {
+        self.apply_cache_writes();
+        self.fill = None;
         if let Some(mut conn) = self.server.take() {
             conn.broken = true;
         }
@@ -1018,6 +1043,7 @@ impl Session {
                 // reply goes first, and the read can no longer be sent again.
                 keep_read(&mut self.retry, &mut self.held_reply, &mut self.cout);
                 self.server_stream = frame_len;
+                self.fill = None;
                 continue;
             }
             if frame_len - wire::HEADER_LEN > message_max {
@@ -1072,6 +1098,13 @@ impl Session {
                     "unexpected message 0x{tag:02x} from the server"
                 )));
             }
+            if d.forward && self.fill.is_some() {
+                self.fill_with(tag, frame_len);
+            }
+            let conn = self
+                .server
+                .as_deref_mut()
+                .expect("checked at the top of the loop");
             let mut hold = false;
             if d.forward && self.retry.is_some() {
                 if tag == backend::ERROR_RESPONSE
@@ -1138,6 +1171,34 @@ impl Session {
         }
     }
 
+    /// Adds a reply frame (at the head of the server buffer) to the cache
+    /// fill in progress; stores the reply at its ReadyForQuery. Anything but
+    /// a plain result (an error, a notice, ...) abandons the fill.
+    fn fill_with(&mut self, tag: u8, frame_len: usize) {
+        let (Some(fill), Some(conn), Some(cache)) =
+            (&mut self.fill, self.server.as_deref(), &self.shared.cache)
+        else {
+            return;
+        };
+        let frame = &conn.buf[..frame_len];
+        match tag {
+            backend::ROW_DESCRIPTION | backend::DATA_ROW | backend::COMMAND_COMPLETE
+                if !fill.complete
+                    && fill.reply.len() + frame.len() <= cache.config().entry_bytes_max =>
+            {
+                fill.reply.extend_from_slice(frame);
+                fill.complete = tag == backend::COMMAND_COMPLETE;
+            }
+            backend::READY_FOR_QUERY if fill.complete => {
+                let fill = self.fill.take().expect("matched above");
+                cache
+                    .store
+                    .insert(&fill.identity, fill.reply.into(), fill.ticket);
+            }
+            _ => self.fill = None,
+        }
+    }
+
     /// A statement completed: record what it did to the session. Settings
     /// take effect for the client when their transaction commits; on the
     /// server they are unknown from now until then (see [`params::executed`]).
@@ -1177,6 +1238,10 @@ impl Session {
 
     /// ReadyForQuery: an implicit transaction ends here, committed unless it failed.
     fn on_ready(&mut self, status: TransactionStatus) {
+        if status == TransactionStatus::Idle {
+            // Before the client can see the reply, which is still in `cout`.
+            self.apply_cache_writes();
+        }
         if self.deferred_begin.is_some() || self.aborted_locally {
             return; // the client's transaction status is the proxy's, not the server's
         }

@@ -21,6 +21,8 @@ pub struct Shared {
     pub follower: Option<Arc<crate::follower::MapFollower>>,
     /// Role, health and lag of every server in the shard map.
     pub backends: crate::backends::Backends,
+    /// The point-read cache (with a shard map only).
+    pub cache: Option<Arc<crate::result_cache::ResultCache>>,
     /// Per-process secret that makes SCRAM exchanges for unknown users look real.
     pub mock_nonce: [u8; 32],
     clients: AtomicU32,
@@ -34,9 +36,17 @@ impl Shared {
             .iter()
             .map(|u| (u.name.clone(), Arc::new(User::from_config(u))))
             .collect();
-        let backends =
-            crate::backends::Backends::new(config.replicas.clone(), probe_target(&config, &users));
+        let probe = probe_target(&config, &users);
+        let backends = crate::backends::Backends::new(config.replicas.clone(), probe.clone());
+        let cache = follower.as_ref().map(|follower| {
+            Arc::new(crate::result_cache::ResultCache::new(
+                config.cache.clone(),
+                follower.clone(),
+                probe,
+            ))
+        });
         Shared {
+            cache,
             backends,
             config,
             users,

@@ -53,6 +53,10 @@ pub struct Analysis {
     /// the configuration may declare read-only are listed, see
     /// [`Analysis::replica_safe_with`].
     pub replica: ReplicaSafety,
+    /// The text is a point read whose result may be cached: one plain SELECT of one sharded
+    /// table (its only target, with exactly one key), with no function call, no value that
+    /// varies between executions, no subquery of another relation, no row lock, no WITH.
+    pub point_read: bool,
 }
 
 /// The kind of a statement, as far as routing cares.
@@ -138,7 +142,40 @@ pub fn analyse(sql: &str, map: &ShardMap) -> Result<Analysis> {
         }
     }
     let replica = replica::classify(&parsed.protobuf.stmts);
-    Ok(walker.finish(kind.unwrap_or(StatementKind::Other), replica))
+    let mut analysis = walker.finish(kind.unwrap_or(StatementKind::Other), replica);
+    analysis.point_read = is_point_read(&parsed.protobuf.stmts, &analysis);
+    Ok(analysis)
+}
+
+/// See [`Analysis::point_read`].
+fn is_point_read(statements: &[pg_query::protobuf::RawStmt], analysis: &Analysis) -> bool {
+    let [raw] = statements else {
+        return false;
+    };
+    let Some(NodeEnum::SelectStmt(select)) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
+        return false;
+    };
+    let [target] = analysis.targets.as_slice() else {
+        return false;
+    };
+    let one_key = matches!(&target.keys, Some(keys) if keys.len() == 1);
+    if analysis.refusal.is_some() || target.writes || !one_key {
+        return false;
+    }
+    if select.op != SetOperation::SetopNone as i32 || select.with_clause.is_some() {
+        return false;
+    }
+    let mut scan = TreeScan::default();
+    if scan.scan(select.as_ref()).is_err() {
+        return false;
+    }
+    scan.relations.len() == 1
+        && scan.functions.is_empty()
+        && scan.ctes.is_empty()
+        && !scan.varies
+        && !scan.locks_rows
+        && !scan.into
+        && !scan.modifies
 }
 
 /// Whether a pg_query error means the text is not valid SQL (rather than "valid, but
@@ -172,6 +209,7 @@ impl Analysis {
             targets: Vec::new(),
             refusal: None,
             replica: ReplicaSafety::Primary,
+            point_read: false,
         }
     }
 
@@ -335,6 +373,7 @@ impl<'m> Walker<'m> {
             targets: self.targets,
             refusal: self.refusal,
             replica,
+            point_read: false,
         }
     }
 
@@ -1587,7 +1626,7 @@ mod tests {
 
     /// Sharded: accounts(id int8), orders(account_id int8), small(k int2), medium(k int4),
     /// users(name text), devices(uid uuid). Everything else is unsharded.
-    fn map() -> ShardMap {
+    pub(super) fn map() -> ShardMap {
         let mut map = ShardMap::default();
         map.shards.insert(
             ShardId(0),
@@ -2132,5 +2171,47 @@ mod tests {
         let disabled = AnalysisCache::new(0);
         assert_eq!(disabled.get_or_analyse("SELECT 1", &map).kind, Select);
         assert!(disabled.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod point_read_tests {
+    use super::tests::map;
+    use super::*;
+
+    fn point_read(sql: &str) -> bool {
+        analyse(sql, &map()).expect("analyses").point_read
+    }
+
+    #[test]
+    fn a_select_by_one_key_is_a_point_read() {
+        assert!(point_read("SELECT * FROM accounts WHERE id = 1"));
+        assert!(point_read("SELECT balance FROM accounts WHERE id = $1"));
+        assert!(point_read(
+            "SELECT id, balance FROM accounts WHERE id = 7 AND balance > 0 ORDER BY id LIMIT 1"
+        ));
+    }
+
+    #[test]
+    fn anything_that_may_vary_or_read_more_is_not() {
+        for sql in [
+            "SELECT * FROM accounts WHERE id IN (1, 2)",
+            "SELECT * FROM accounts",
+            "SELECT * FROM accounts WHERE id = 1 OR balance > 5",
+            "SELECT now(), * FROM accounts WHERE id = 1",
+            "SELECT CURRENT_TIMESTAMP, * FROM accounts WHERE id = 1",
+            "SELECT * FROM accounts WHERE id = 1 FOR UPDATE",
+            "SELECT * FROM accounts a JOIN plain p ON true WHERE a.id = 1",
+            "SELECT * FROM accounts WHERE id = 1 AND balance > (SELECT max(x) FROM plain)",
+            "WITH a AS (SELECT * FROM accounts WHERE id = 1) SELECT * FROM a",
+            "SELECT * FROM accounts WHERE id = 1; SELECT 1",
+            "SELECT * FROM accounts WHERE id = 1 UNION SELECT * FROM accounts WHERE id = 1",
+            "SELECT * FROM accounts TABLESAMPLE SYSTEM (10) WHERE id = 1",
+            "SELECT * INTO copy FROM accounts WHERE id = 1",
+            "UPDATE accounts SET balance = 1 WHERE id = 1",
+            "SELECT * FROM plain WHERE id = 1",
+        ] {
+            assert!(!point_read(sql), "{sql}");
+        }
     }
 }

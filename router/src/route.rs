@@ -45,7 +45,7 @@ impl Params<'_> {
     }
 
     /// Parameter `$n` (1-based): `Err` if it was not bound at all.
-    pub(crate) fn get(&self, n: u16) -> Result<(Option<&[u8]>, i16), String> {
+    pub fn get(&self, n: u16) -> Result<(Option<&[u8]>, i16), String> {
         let index = (n as usize)
             .checked_sub(1)
             .ok_or_else(|| "there is no parameter $0".to_owned())?;

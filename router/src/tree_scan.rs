@@ -23,6 +23,10 @@ pub(crate) struct TreeScan {
     pub(crate) locks_rows: bool,
     /// An `INTO` clause: `SELECT ... INTO` creates a table.
     pub(crate) into: bool,
+    /// A value that changes between executions although it is no function
+    /// call: `CURRENT_TIMESTAMP`, `CURRENT_USER` and the other SQL value
+    /// functions, `TABLESAMPLE`.
+    pub(crate) varies: bool,
     /// An `INSERT`, `UPDATE`, `DELETE` or `MERGE` statement node (below a SELECT: a
     /// data-modifying WITH query).
     pub(crate) modifies: bool,
@@ -270,6 +274,7 @@ impl ser::SerializeStruct for StructScan<'_> {
             "FuncCall" => scan.functions.push(self.funcname),
             "LockingClause" => scan.locks_rows = true,
             "IntoClause" => scan.into = true,
+            "SqlValueFunction" | "RangeTableSample" => scan.varies = true,
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => scan.modifies = true,
             _ => {}
         }

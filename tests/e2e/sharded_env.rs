@@ -33,6 +33,8 @@ pub struct ShardedEnv {
     pub meta: MetaClient,
     /// The proxy; clients log in as `app` to database `db`.
     pub addr: SocketAddr,
+    /// The config of a second proxy on the same shards and metadata group.
+    second_config: String,
     /// The map as last read back by the harness (after start and each `declare`).
     map: Mutex<Arc<ShardMap>>,
     node: Option<MetaNode>,
@@ -49,13 +51,24 @@ impl ShardedEnv {
     }
 
     pub async fn with(shards: usize, options: Options) -> ShardedEnv {
+        ShardedEnv::with_sections(shards, options, "").await
+    }
+
+    /// Like [`ShardedEnv::with`], with more config sections (`[cache]`,
+    /// `[[users]]`, ...) appended to the proxy's config. The shards run with
+    /// `wal_level = logical`, so the cache's change feeds can follow them.
+    pub async fn with_sections(shards: usize, options: Options, sections: &str) -> ShardedEnv {
         assert!(shards >= 1, "a sharded env needs at least one shard");
         // Arrange: the shards, started side by side (each is mostly waiting
         // for its postmaster).
         let starts: Vec<_> = (0..shards)
             .map(|_| {
                 tokio::task::spawn_blocking(|| {
-                    Cluster::builder().setting("max_connections", "100").start()
+                    Cluster::builder()
+                        .setting("max_connections", "100")
+                        .setting("wal_level", "logical")
+                        .setting("shared_preload_libraries", "pg_stat_statements")
+                        .start()
                 })
             })
             .collect();
@@ -107,18 +120,22 @@ server_password = "postgres"
 [metadata]
 endpoints = ["{meta_addr}"]
 proxy_id = "{PROXY_ID}"
+
+{sections}
 "#,
             proxy = options.proxy_section(),
             home_port = pg[0].port(),
             meta_addr = node.addr(),
         );
         let (addr, stop) = start_proxy(&config).await;
+        let second_config = config.replace(PROXY_ID, "sharded-env-second-proxy");
 
         let env = ShardedEnv {
             pg,
             meta,
             addr,
             map: Mutex::new(Arc::default()),
+            second_config,
             node: Some(node),
             stop: Some(stop),
             _meta_dir: meta_dir,
@@ -127,6 +144,13 @@ proxy_id = "{PROXY_ID}"
         env.wait_acknowledged(epoch).await;
         env.refresh_map().await;
         env
+    }
+
+    /// Starts a second proxy like the first (its own pools, cache and
+    /// change feeds) and returns its address; it runs until the sender is
+    /// dropped.
+    pub async fn second_proxy(&self) -> (SocketAddr, oneshot::Sender<()>) {
+        start_proxy(&self.second_config).await
     }
 
     /// A tokio-postgres client through the proxy as `app` on `db`.

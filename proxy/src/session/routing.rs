@@ -27,6 +27,7 @@ use crate::config::ReadFrom;
 use crate::error::{Error, Result};
 use crate::pending::{Entry, Expect, LocalReply};
 use crate::pool::Pool;
+use crate::result_cache::{params_hash, Fill, ResultCache};
 use crate::scatter::{self, Request, ShardConn, Sink};
 
 /// What to do with a statement.
@@ -43,6 +44,16 @@ enum Decision {
     /// COPY FROM STDIN into a sharded table, rows split by key.
     CopyIn(Arc<router::Analysis>),
     Refuse(String),
+}
+
+/// What the cache does for a point read.
+enum CacheStep {
+    /// Answered from the cache.
+    Hit,
+    /// Run on the primary; its reply fills the cache.
+    Fill,
+    /// The cache is not involved.
+    Bypass,
 }
 
 /// Work on several shards for one extended-protocol statement.
@@ -572,6 +583,14 @@ impl Session {
         let control_alone = analysis.kind == StatementKind::Transaction
             && !sql.trim().trim_end_matches(';').contains(';');
         self.statement_writes = !control_alone && !safe;
+        self.point_read = None;
+        if let Some(cache) = &self.shared.cache {
+            if self.statement_writes {
+                cache.note_write(&analysis, sql, map, params, &mut self.cache_writes);
+            } else if self.txn_status == TransactionStatus::Idle {
+                self.point_read = cache.point_read(&analysis, map, params);
+            }
+        }
         if let Some(shard) = self.forced_shard {
             // Like a hint: it decides what the keys leave open, and a key
             // that says otherwise is refused rather than overruled.
@@ -753,7 +772,18 @@ impl Session {
             }
         }
         let (shards, job) = match self.decide(sql, map, router::Params::default()) {
-            Decision::Run(shard, read) => return self.run_query_on(shard, read, frame, map).await,
+            Decision::Run(shard, read) => {
+                let read = match self.cached_query(text, shard, map) {
+                    CacheStep::Hit => return Ok(()),
+                    CacheStep::Fill => None,
+                    CacheStep::Bypass => read,
+                };
+                self.run_query_on(shard, read, frame, map).await?;
+                if self.fill.is_some() && !self.on_primary() {
+                    self.fill = None;
+                }
+                return Ok(());
+            }
             Decision::Refuse(why) => return self.fail(Error::Refused(why), frontend::QUERY).await,
             multi => match multi_job(multi, sql, map) {
                 Ok(job) => job,
@@ -836,7 +866,57 @@ impl Session {
     }
 
     /// A simple Query that ran on several shards: ReadyForQuery, or the error.
+    /// Answers a point read from the cache, or prepares to fill the cache
+    /// with its reply (from the primary: a replica may not have the latest
+    /// write yet).
+    fn cached_query(&mut self, text: &[u8], shard: ShardId, map: &ShardMap) -> CacheStep {
+        let Some(point) = self.point_read.take() else {
+            return CacheStep::Bypass;
+        };
+        let Some(cache) = &self.shared.cache else {
+            return CacheStep::Bypass;
+        };
+        let quiet = self.txn_status == TransactionStatus::Idle
+            && self.deferred_begin.is_none()
+            && self.pending.is_empty()
+            && self.retry.is_none()
+            && !self.skipping_to_sync
+            && !self.server_in_transaction();
+        let Some(addr) = map.shards.get(&shard).map(|s| s.primary.as_str()) else {
+            return CacheStep::Bypass;
+        };
+        if !quiet || !cache.serves(&point.table, addr, &self.shared.backends, map) {
+            return CacheStep::Bypass;
+        }
+        let identity = ResultCache::query_identity(
+            &self.database,
+            &self.user.name,
+            params_hash(&self.params),
+            text,
+        );
+        if let Some(reply) = cache.store.get(&identity) {
+            self.cout.extend_from_slice(&reply);
+            backend::encode_ready_for_query(&mut self.cout, TransactionStatus::Idle);
+            return CacheStep::Hit;
+        }
+        self.fill = Some(Fill {
+            identity,
+            ticket: cache.store.ticket(&point.table, &point.key),
+            reply: Vec::new(),
+            complete: false,
+        });
+        CacheStep::Fill
+    }
+
+    /// Whether the attached server connection is to a primary.
+    fn on_primary(&self) -> bool {
+        self.server_hold
+            .as_ref()
+            .is_some_and(|hold| hold.node().in_recovery() == Some(false))
+    }
+
     fn after_multi(&mut self, result: Result<bool>) -> Result<()> {
+        self.apply_cache_writes();
         match result {
             Ok(_) => {
                 backend::encode_ready_for_query(&mut self.cout, self.txn_status);

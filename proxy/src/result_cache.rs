@@ -1,0 +1,614 @@
+//! ResultCache: the proxy's side of the point-read cache.
+//!
+//! Sessions look point reads of cache-enabled sharded tables up in a
+//! [`Store`] and fill it from the shard's primary; they collect what their
+//! writes touch ([`Invalidations`]) and apply it when the write's
+//! transaction ends, before the client sees the reply. Writes that do not go
+//! through this proxy (another proxy, `psql` on the shard, triggers) come in
+//! through a change feed per shard primary: logical decoding of its WAL
+//! ([`crate::changes`]), each changed key invalidated at its commit.
+//!
+//! The cache serves a shard only while that feed is connected, has caught
+//! up with the table's publication, and has applied every commit older than
+//! `max_stream_lag` (measured against the primary's WAL positions sampled by
+//! the health monitors). When the feed (re)connects, every cached table is
+//! invalidated: writes made while it was away were never seen.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use cache::pgoutput::Value;
+use cache::store::{Settings, Stats, Store, Ticket};
+use router::hash::KeyValue;
+use router::key_param::{decode_key, FORMAT_TEXT};
+use router::{Analysis, KeySource, ShardMap, StatementKind};
+use twox_hash::XxHash3_64;
+
+use crate::backends::Backends;
+use crate::changes::{self, ChangeKind, FeedEvent, RowChange};
+use crate::config::CacheConfig;
+use crate::follower::MapFollower;
+use crate::server::ServerTarget;
+
+/// Key invalidations a session collects before they collapse into
+/// invalidating the whole tables.
+const KEYS_MAX: usize = 1000;
+/// How often a feed tries again to publish enabled tables it could not.
+const PUBLISH_RETRY: Duration = Duration::from_secs(1);
+
+pub struct ResultCache {
+    pub store: Store,
+    config: CacheConfig,
+    /// Enabled tables (map names), and a version bumped on every change.
+    tables: RwLock<BTreeSet<String>>,
+    tables_version: AtomicU64,
+    /// Change feeds by the address of the shard primary they follow.
+    feeds: Mutex<HashMap<String, Arc<Feed>>>,
+    follower: Arc<MapFollower>,
+    /// How feeds log in (the address is set per server).
+    target: Option<ServerTarget>,
+}
+
+/// One shard primary's change feed, as sessions see it.
+pub struct Feed {
+    pub addr: String,
+    connected: AtomicBool,
+    /// Every change up to here has been applied.
+    position: AtomicU64,
+    /// Published tables, with the WAL position from which the feed sees
+    /// their changes.
+    published: RwLock<HashMap<String, u64>>,
+    info: Mutex<FeedInfo>,
+}
+
+/// What `SHOW CACHE` tells about a feed.
+#[derive(Clone, Debug, Default)]
+pub struct FeedInfo {
+    pub commits: u64,
+    pub last_error: Option<String>,
+    /// Tables that cannot be published here, and why.
+    pub left_out: Vec<changes::LeftOut>,
+}
+
+/// What a session's writes invalidate, applied when their transaction ends.
+#[derive(Debug, Default)]
+pub struct Invalidations {
+    keys: Vec<(String, Vec<u8>)>,
+    tables: BTreeSet<String>,
+    /// Every cached table: the write's effects are not known.
+    all: bool,
+}
+
+impl Invalidations {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.tables.is_empty() && self.keys.is_empty()
+    }
+}
+
+/// A point read the cache may answer: the table and its key.
+#[derive(Clone, Debug)]
+pub struct PointRead {
+    pub table: String,
+    pub key: Vec<u8>,
+}
+
+/// A miss being filled from the primary.
+pub struct Fill {
+    pub identity: Vec<u8>,
+    pub ticket: Ticket,
+    /// The reply so far.
+    pub reply: Vec<u8>,
+    /// Its CommandComplete arrived.
+    pub complete: bool,
+}
+
+impl ResultCache {
+    pub fn new(
+        config: CacheConfig,
+        follower: Arc<MapFollower>,
+        target: Option<ServerTarget>,
+    ) -> ResultCache {
+        let store = Store::new(&Settings {
+            max_bytes: config.max_bytes,
+            entry_bytes_max: config.entry_bytes_max,
+            ttl: config.ttl,
+            tti: config.tti,
+        });
+        ResultCache {
+            store,
+            tables: RwLock::new(config.tables.iter().cloned().collect()),
+            tables_version: AtomicU64::new(0),
+            config,
+            feeds: Mutex::default(),
+            follower,
+            target,
+        }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    pub fn tables(&self) -> Vec<String> {
+        self.tables
+            .read()
+            .expect("lock poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Caches `table`'s point reads from now on (once the feeds publish it).
+    pub fn enable(&self, table: &str) {
+        if self
+            .tables
+            .write()
+            .expect("lock poisoned")
+            .insert(table.to_owned())
+        {
+            self.tables_version.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    pub fn disable(&self, table: &str) {
+        if self.tables.write().expect("lock poisoned").remove(table) {
+            self.store.invalidate_table(table);
+            self.tables_version.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn enabled(&self, table: &str) -> bool {
+        self.tables.read().expect("lock poisoned").contains(table)
+    }
+
+    pub fn feeds(&self) -> Vec<Arc<Feed>> {
+        let mut feeds: Vec<_> = self
+            .feeds
+            .lock()
+            .expect("lock poisoned")
+            .values()
+            .cloned()
+            .collect();
+        feeds.sort_by(|a, b| a.addr.cmp(&b.addr));
+        feeds
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.store.stats()
+    }
+
+    /// Starts a change feed for every shard primary of `map` that has none.
+    pub fn ensure_feeds(self: &Arc<Self>, map: &ShardMap) {
+        if self.tables.read().expect("lock poisoned").is_empty() {
+            return;
+        }
+        let Some(target) = &self.target else {
+            return;
+        };
+        let mut feeds = self.feeds.lock().expect("lock poisoned");
+        for shard in map.shards.values() {
+            if feeds.contains_key(&shard.primary) {
+                continue;
+            }
+            let Some((host, port)) = shard
+                .primary
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+            else {
+                continue;
+            };
+            let feed = Arc::new(Feed {
+                addr: shard.primary.clone(),
+                connected: AtomicBool::new(false),
+                position: AtomicU64::new(0),
+                published: RwLock::default(),
+                info: Mutex::default(),
+            });
+            feeds.insert(shard.primary.clone(), feed.clone());
+            let target = ServerTarget {
+                host,
+                port,
+                ..target.clone()
+            };
+            tokio::spawn(run_feed(Arc::downgrade(self), feed, target));
+        }
+    }
+
+    /// The point read `analysis` describes, if its table is cached and its
+    /// key is known (from the text or from `params`).
+    pub fn point_read(
+        &self,
+        analysis: &Analysis,
+        map: &ShardMap,
+        params: router::Params<'_>,
+    ) -> Option<PointRead> {
+        if !analysis.point_read {
+            return None;
+        }
+        let target = analysis.targets.first()?;
+        if !self.enabled(&target.table) {
+            return None;
+        }
+        let key = match target.keys.as_deref()? {
+            [source] => resolve_key(source, map, &target.table, params)?,
+            _ => return None,
+        };
+        Some(PointRead {
+            table: target.table.clone(),
+            key,
+        })
+    }
+
+    /// Whether the cache may serve `table` on the shard whose primary is at
+    /// `addr`: its feed is connected and caught up.
+    pub fn serves(&self, table: &str, addr: &str, backends: &Backends, map: &ShardMap) -> bool {
+        let Some(feed) = self.feeds.lock().expect("lock poisoned").get(addr).cloned() else {
+            return false;
+        };
+        if !feed.connected.load(Ordering::Acquire) {
+            return false;
+        }
+        let position = feed.position.load(Ordering::Acquire);
+        let published = feed
+            .published
+            .read()
+            .expect("lock poisoned")
+            .get(table)
+            .copied();
+        if !published.is_some_and(|from| position >= from) {
+            return false;
+        }
+        let Some(nodes) = map
+            .shards
+            .values()
+            .find(|s| s.primary == addr)
+            .and_then(|s| backends.shard(s.id, map))
+        else {
+            return false;
+        };
+        nodes
+            .stream_lag(position, tokio::time::Instant::now())
+            .is_some_and(|lag| lag <= self.config.max_stream_lag)
+    }
+
+    /// Notes what a statement that may write invalidates when it commits.
+    pub fn note_write(
+        &self,
+        analysis: &Analysis,
+        sql: &str,
+        map: &ShardMap,
+        params: router::Params<'_>,
+        into: &mut Invalidations,
+    ) {
+        let tables = self.tables.read().expect("lock poisoned");
+        if tables.is_empty() || into.all {
+            return;
+        }
+        if writes_unknown(analysis, sql) {
+            into.all = true;
+            return;
+        }
+        for target in &analysis.targets {
+            if !target.writes || !tables.contains(&target.table) {
+                continue;
+            }
+            let keys = match &target.keys {
+                Some(keys) if !target.updates_key => keys
+                    .iter()
+                    .map(|source| resolve_key(source, map, &target.table, params))
+                    .collect::<Option<Vec<_>>>(),
+                _ => None,
+            };
+            match keys {
+                Some(keys) if into.keys.len() + keys.len() <= KEYS_MAX => {
+                    for key in keys {
+                        into.keys.push((target.table.clone(), key));
+                    }
+                }
+                _ => {
+                    into.tables.insert(target.table.clone());
+                }
+            }
+        }
+    }
+
+    /// Applies (and clears) what a finished transaction's writes invalidate.
+    pub fn apply(&self, invalidations: &mut Invalidations) {
+        if invalidations.all {
+            for table in self.tables() {
+                self.store.invalidate_table(&table);
+            }
+        }
+        for table in &invalidations.tables {
+            self.store.invalidate_table(table);
+        }
+        for (table, key) in &invalidations.keys {
+            self.store.invalidate_key(table, key);
+        }
+        *invalidations = Invalidations::default();
+    }
+
+    /// A committed change seen in the WAL.
+    fn apply_change(&self, change: &RowChange, map: &ShardMap) {
+        let relation = &change.relation;
+        let name = if map.tables.contains_key(&relation.name) {
+            relation.name.clone()
+        } else {
+            format!("{}.{}", relation.schema, relation.name)
+        };
+        if !self.enabled(&name) {
+            return;
+        }
+        let Some(table) = map.tables.get(&name) else {
+            self.store.invalidate_table(&name);
+            return;
+        };
+        let key_column = relation.columns.iter().position(|c| c.name == table.key);
+        let key_of = |tuple: &[Value]| -> Option<Vec<u8>> {
+            let bytes = tuple.get(key_column?)?;
+            match bytes {
+                Value::Text(text) => decode_key(table.key_type, FORMAT_TEXT, text)
+                    .ok()
+                    .map(|k| key_bytes(&k)),
+                _ => None,
+            }
+        };
+        let tuples: Vec<&[Value]> = match &change.kind {
+            ChangeKind::Insert { new } => vec![new],
+            ChangeKind::Update { old, new } => {
+                let mut t: Vec<&[Value]> = vec![new];
+                if let Some(old) = old {
+                    t.push(old);
+                }
+                t
+            }
+            ChangeKind::Delete { old } => vec![old],
+            ChangeKind::Truncate => {
+                self.store.invalidate_table(&name);
+                return;
+            }
+        };
+        for tuple in tuples {
+            match key_of(tuple) {
+                Some(key) => self.store.invalidate_key(&name, &key),
+                None => self.store.invalidate_table(&name),
+            }
+        }
+    }
+
+    /// The cache key of a simple Query: who asks, with which session
+    /// settings, and the text.
+    pub fn query_identity(database: &str, user: &str, params_hash: u64, text: &[u8]) -> Vec<u8> {
+        let mut id = Vec::with_capacity(database.len() + user.len() + text.len() + 12);
+        id.push(b'Q');
+        id.extend_from_slice(database.as_bytes());
+        id.push(0);
+        id.extend_from_slice(user.as_bytes());
+        id.push(0);
+        id.extend_from_slice(&params_hash.to_le_bytes());
+        id.extend_from_slice(text);
+        id
+    }
+}
+
+/// A hash of the session's parameters (search_path, DateStyle, ... change
+/// what a query returns).
+pub fn params_hash(params: &crate::server::ParamState) -> u64 {
+    let mut hasher = XxHash3_64::default();
+    params.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Whether a statement that may write can touch tables its analysis does
+/// not show: it calls functions that are not built-ins, runs a procedure or
+/// a prepared statement, or holds several statements.
+fn writes_unknown(analysis: &Analysis, sql: &str) -> bool {
+    if matches!(analysis.replica, router::ReplicaSafety::IfReadOnly(_)) {
+        return true;
+    }
+    if sql.trim().trim_end_matches(';').contains(';') {
+        return true;
+    }
+    if analysis.kind != StatementKind::Other {
+        return false;
+    }
+    let first = sql
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    !matches!(
+        first.as_str(),
+        "SET" | "RESET" | "SHOW" | "DISCARD" | "DEALLOCATE" | "LISTEN" | "UNLISTEN" | "PREPARE"
+    )
+}
+
+fn resolve_key(
+    source: &KeySource,
+    map: &ShardMap,
+    table: &str,
+    params: router::Params<'_>,
+) -> Option<Vec<u8>> {
+    match source {
+        KeySource::Const(value) => Some(key_bytes(value)),
+        KeySource::Param(n) => {
+            let (bytes, format) = params.get(*n).ok()?;
+            let key_type = map.tables.get(table)?.key_type;
+            decode_key(key_type, format, bytes?)
+                .ok()
+                .map(|k| key_bytes(&k))
+        }
+        KeySource::ParamArray(_) => None,
+    }
+}
+
+/// A key in one form whatever its integer width or source (query text,
+/// Bind parameter, WAL text).
+pub fn key_bytes(key: &KeyValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(17);
+    match key {
+        KeyValue::Int2(v) => int_key(&mut out, i64::from(*v)),
+        KeyValue::Int4(v) => int_key(&mut out, i64::from(*v)),
+        KeyValue::Int8(v) => int_key(&mut out, *v),
+        KeyValue::Text(text) => {
+            out.push(b't');
+            out.extend_from_slice(text);
+        }
+        KeyValue::Uuid(uuid) => {
+            out.push(b'u');
+            out.extend_from_slice(uuid);
+        }
+    }
+    out
+}
+
+fn int_key(out: &mut Vec<u8>, v: i64) {
+    out.push(b'i');
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+impl Feed {
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub fn position(&self) -> u64 {
+        self.position.load(Ordering::Acquire)
+    }
+
+    pub fn published(&self) -> Vec<String> {
+        let mut tables: Vec<_> = self
+            .published
+            .read()
+            .expect("lock poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        tables.sort();
+        tables
+    }
+
+    pub fn info(&self) -> FeedInfo {
+        self.info.lock().expect("lock poisoned").clone()
+    }
+
+    fn fail(&self, e: &crate::Error) {
+        self.connected.store(false, Ordering::Release);
+        self.info.lock().expect("lock poisoned").last_error = Some(e.to_string());
+    }
+}
+
+/// Follows one shard primary for as long as the cache exists: publishes the
+/// enabled tables, streams their changes, reconnects with backoff.
+async fn run_feed(cache: Weak<ResultCache>, feed: Arc<Feed>, target: ServerTarget) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(c) = cache.upgrade() else { return };
+        let interval = c.config.status_interval;
+        drop(c);
+        let result = tokio::select! {
+            r = follow_once(&cache, &feed, &target, interval) => r,
+            r = publish_changes(&cache, &feed, &target) => r,
+        };
+        let Err(e) = result else { return };
+        tracing::warn!(server = %feed.addr, error = %e, "cache change feed lost; the cache bypasses this shard until it is back");
+        feed.fail(&e);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Publishes the enabled tables, then streams until the connection fails.
+/// `Ok` only when the cache is gone.
+async fn follow_once(
+    cache: &Weak<ResultCache>,
+    feed: &Arc<Feed>,
+    target: &ServerTarget,
+    interval: Duration,
+) -> crate::Result<()> {
+    publish(cache, feed, target).await?;
+    let slot = format!(
+        "shardline_cache_{}_{}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    changes::follow(target, &slot, interval, |event| {
+        let Some(cache) = cache.upgrade() else { return };
+        match event {
+            FeedEvent::Started { lsn } => {
+                // Writes made while no feed listened were never seen.
+                for table in cache.tables() {
+                    cache.store.invalidate_table(&table);
+                }
+                feed.position.fetch_max(lsn, Ordering::AcqRel);
+                feed.connected.store(true, Ordering::Release);
+                tracing::info!(server = %feed.addr, "cache change feed streaming");
+            }
+            FeedEvent::Commit { end_lsn, changes } => {
+                let map = cache.follower.map();
+                for change in changes {
+                    cache.apply_change(change, &map);
+                }
+                feed.info.lock().expect("lock poisoned").commits += 1;
+                feed.position.fetch_max(end_lsn, Ordering::AcqRel);
+            }
+            FeedEvent::Position { lsn } => {
+                feed.position.fetch_max(lsn, Ordering::AcqRel);
+            }
+        }
+    })
+    .await
+}
+
+/// Publishes the enabled tables again whenever they change. Never `Ok`
+/// while the cache exists.
+async fn publish_changes(
+    cache: &Weak<ResultCache>,
+    feed: &Arc<Feed>,
+    target: &ServerTarget,
+) -> crate::Result<()> {
+    let mut seen = cache
+        .upgrade()
+        .map(|c| c.tables_version.load(Ordering::Acquire));
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Some(c) = cache.upgrade() else {
+            return Ok(());
+        };
+        let version = c.tables_version.load(Ordering::Acquire);
+        drop(c);
+        // A table left out may be created (or given a key) later.
+        let retry = !feed.info.lock().expect("lock poisoned").left_out.is_empty()
+            && last.elapsed() >= PUBLISH_RETRY;
+        if seen != Some(version) || retry {
+            publish(cache, feed, target).await?;
+            seen = Some(version);
+            last = tokio::time::Instant::now();
+        }
+    }
+}
+
+async fn publish(
+    cache: &Weak<ResultCache>,
+    feed: &Arc<Feed>,
+    target: &ServerTarget,
+) -> crate::Result<()> {
+    let Some(c) = cache.upgrade() else {
+        return Ok(());
+    };
+    let tables = c.tables();
+    drop(c);
+    let state = changes::ensure_publication(target, &tables).await?;
+    let mut published = feed.published.write().expect("lock poisoned");
+    for table in &state.published {
+        published.entry(table.clone()).or_insert(state.lsn);
+    }
+    published.retain(|t, _| tables.contains(t));
+    drop(published);
+    feed.info.lock().expect("lock poisoned").left_out = state.left_out.clone();
+    Ok(())
+}

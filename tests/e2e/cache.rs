@@ -1,0 +1,449 @@
+//! The point-read cache: hits without a server round trip, strict
+//! invalidation by this proxy's writes, by writes made directly on a shard
+//! and through another proxy (the WAL change feed), bypass while the feed is
+//! down, and the fill/invalidate race.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use router::KeyType;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::harness::{connect, eventually, Options};
+use crate::sharded_env::ShardedEnv;
+
+const CACHE_SECTIONS: &str = r#"
+[cache]
+tables = ["accounts"]
+max_stream_lag = "5s"
+
+[[users]]
+name = "ops"
+auth = "trust"
+admin = true
+"#;
+
+/// Two shards, `accounts(id, balance)` sharded by id with ids 1..=200
+/// (balance = id), the cache on for it, and its feeds serving.
+async fn cached_env() -> ShardedEnv {
+    let options = Options {
+        pool_size: 20,
+        ..Options::default()
+    };
+    let env = ShardedEnv::with_sections(2, options, CACHE_SECTIONS).await;
+    env.declare("accounts", "id", KeyType::Int8, 8).await;
+    env.lay_out(
+        "accounts",
+        "CREATE TABLE accounts (id int8 PRIMARY KEY, balance int8 NOT NULL)",
+    )
+    .await;
+    let rows: Vec<String> = (1..=200).map(|id| format!("({id}, {id})")).collect();
+    env.client()
+        .await
+        .simple_query(&format!(
+            "INSERT INTO accounts (id, balance) VALUES {}",
+            rows.join(", ")
+        ))
+        .await
+        .expect("load accounts");
+    for shard in 0..env.pg.len() {
+        env.direct(shard)
+            .await
+            .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .await
+            .expect("pg_stat_statements");
+    }
+    wait_serving(&env.addr).await;
+    wait_hit(&env.addr, &env.client().await, 200).await;
+    env
+}
+
+/// Waits until a point read through `client` (of the proxy at `addr`) is
+/// answered from the cache.
+async fn wait_hit(addr: &std::net::SocketAddr, client: &Client, id: i64) {
+    let hit = eventually(Duration::from_secs(20), || async {
+        let before = cache_count(addr, "hits").await;
+        balance(client, id).await;
+        balance(client, id).await;
+        cache_count(addr, "hits").await > before
+    })
+    .await;
+    assert!(
+        hit,
+        "the cache never served: {}",
+        cache_stat(addr, "feeds").await
+    );
+}
+
+/// Waits until every feed of the proxy at `addr` serves.
+async fn wait_serving(addr: &std::net::SocketAddr) {
+    let serving = eventually(Duration::from_secs(20), || async {
+        let feeds = cache_stat(addr, "feeds").await;
+        feeds.lines().count() >= 2
+            && feeds
+                .lines()
+                .all(|l| l.contains(" serving ") && l.contains("published [accounts]"))
+    })
+    .await;
+    assert!(
+        serving,
+        "the cache feeds never served: {}",
+        cache_stat(addr, "feeds").await
+    );
+}
+
+/// One column of `SHOW CACHE` on the proxy at `addr`.
+async fn cache_stat(addr: &std::net::SocketAddr, column: &str) -> String {
+    let admin = connect(*addr, "ops", "", "shardline")
+        .await
+        .expect("admin console");
+    let messages = admin.simple_query("SHOW CACHE").await.expect("SHOW CACHE");
+    for m in messages {
+        if let SimpleQueryMessage::Row(row) = m {
+            return row.get(column).unwrap_or_default().to_owned();
+        }
+    }
+    panic!("SHOW CACHE returned no row")
+}
+
+async fn cache_count(addr: &std::net::SocketAddr, column: &str) -> u64 {
+    cache_stat(addr, column).await.parse().expect("a counter")
+}
+
+/// `balance` of account `id`, read with a simple query (cacheable).
+async fn balance(client: &Client, id: i64) -> i64 {
+    let messages = client
+        .simple_query(&format!("SELECT balance FROM accounts WHERE id = {id}"))
+        .await
+        .expect("point read");
+    for m in messages {
+        if let SimpleQueryMessage::Row(row) = m {
+            return row.get(0).expect("balance").parse().expect("a number");
+        }
+    }
+    panic!("account {id} not found")
+}
+
+/// How many times `shard` ran the point read of accounts, from
+/// pg_stat_statements (updated as each statement ends).
+async fn server_reads(env: &ShardedEnv, shard: usize) -> i64 {
+    let row = env
+        .direct(shard)
+        .await
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements \
+             WHERE query = 'SELECT balance FROM accounts WHERE id = $1'",
+            &[],
+        )
+        .await
+        .expect("statement counts");
+    row.get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_point_read_does_not_reach_the_server() {
+    let env = cached_env().await;
+    let client = env.client().await;
+    let owner = env.owner("accounts", &router::hash::KeyValue::Int8(42)).0 as usize;
+    assert_eq!(balance(&client, 42).await, 42, "first read fills");
+    wait_hit(&env.addr, &client, 42).await;
+    let hits_before = cache_count(&env.addr, "hits").await;
+    let before = server_reads(&env, owner).await;
+    for _ in 0..50 {
+        assert_eq!(balance(&client, 42).await, 42);
+    }
+    let after = server_reads(&env, owner).await;
+    println!(
+        "server reads of shard {owner}: {before} -> {after}; hits {hits_before} -> {}",
+        cache_count(&env.addr, "hits").await
+    );
+    assert_eq!(after - before, 0, "cached reads reached the shard");
+    assert!(cache_count(&env.addr, "hits").await >= hits_before + 50);
+
+    // The same reads with the cache off do reach it: the measure works.
+    let admin = connect(env.addr, "ops", "", "shardline")
+        .await
+        .expect("admin");
+    admin
+        .simple_query("CACHE DISABLE accounts")
+        .await
+        .expect("disable");
+    let before = server_reads(&env, owner).await;
+    for _ in 0..50 {
+        assert_eq!(balance(&client, 42).await, 42);
+    }
+    let after = server_reads(&env, owner).await;
+    assert!(after - before >= 50, "{} server reads", after - before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_the_proxy_is_seen_by_the_next_read() {
+    let env = cached_env().await;
+    let client = env.client().await;
+    let other = env.client().await;
+    assert_eq!(balance(&client, 7).await, 7);
+    assert_eq!(balance(&client, 7).await, 7);
+    other
+        .simple_query("UPDATE accounts SET balance = 700 WHERE id = 7")
+        .await
+        .expect("update");
+    assert_eq!(balance(&client, 7).await, 700, "after an autocommit UPDATE");
+    // In an explicit transaction: invalidated at COMMIT.
+    other
+        .batch_execute("BEGIN; UPDATE accounts SET balance = 701 WHERE id = 7")
+        .await
+        .expect("update in a transaction");
+    assert_eq!(balance(&client, 7).await, 700, "not committed yet");
+    other.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(balance(&client, 7).await, 701, "after COMMIT");
+    // A keyless write invalidates the whole table.
+    assert_eq!(balance(&client, 8).await, 8);
+    other
+        .simple_query("UPDATE accounts SET balance = balance + 1000 WHERE balance < 100")
+        .await
+        .expect_err("a keyless UPDATE on every shard is refused");
+    other
+        .simple_query("DELETE FROM accounts WHERE id = 8")
+        .await
+        .expect("delete");
+    let rows = client
+        .simple_query("SELECT balance FROM accounts WHERE id = 8")
+        .await
+        .expect("read");
+    assert!(
+        !rows.iter().any(|m| matches!(m, SimpleQueryMessage::Row(_))),
+        "a deleted row came back"
+    );
+    other
+        .simple_query("INSERT INTO accounts (id, balance) VALUES (8, 88)")
+        .await
+        .expect("insert");
+    assert_eq!(balance(&client, 8).await, 88, "an insert is seen");
+    // Extended protocol writes invalidate too.
+    other
+        .execute(
+            "UPDATE accounts SET balance = $2 WHERE id = $1",
+            &[&8i64, &89i64],
+        )
+        .await
+        .expect("extended update");
+    assert_eq!(balance(&client, 8).await, 89);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_never_see_a_value_older_than_the_last_acknowledged_write() {
+    const KEYS: i64 = 100;
+    const WRITERS: i64 = 8;
+    const READERS: usize = 8;
+    let env = Arc::new(cached_env().await);
+    // acked[k]: the last version of key k+1 a writer saw acknowledged.
+    let acked: Arc<Vec<AtomicU64>> =
+        Arc::new((1..=KEYS).map(|k| AtomicU64::new(k as u64)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let violations = Arc::new(AtomicU64::new(0));
+    let reads = Arc::new(AtomicU64::new(0));
+    let hits_before = cache_count(&env.addr, "hits").await;
+
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let (env, acked, stop) = (env.clone(), acked.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = env.client().await;
+            let mut version = 1000u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Writer w owns the keys k with k % WRITERS == w, so each
+                // key's versions only grow.
+                for k in (1..=KEYS).filter(|k| k % WRITERS == w) {
+                    version += 1;
+                    client
+                        .simple_query(&format!(
+                            "UPDATE accounts SET balance = {version} WHERE id = {k}"
+                        ))
+                        .await
+                        .expect("write");
+                    acked[(k - 1) as usize].store(version, Ordering::SeqCst);
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    for r in 0..READERS {
+        let (env, acked, stop) = (env.clone(), acked.clone(), stop.clone());
+        let (violations, reads) = (violations.clone(), reads.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = env.client().await;
+            let mut k = (r as i64 * 13) % KEYS + 1;
+            while !stop.load(Ordering::Relaxed) {
+                // Hot keys: most reads go to the first ten.
+                k = if k % 3 == 0 {
+                    k % 10 + 1
+                } else {
+                    (k * 7 + 3) % KEYS + 1
+                };
+                let floor = acked[(k - 1) as usize].load(Ordering::SeqCst);
+                let seen = balance(&client, k).await as u64;
+                reads.fetch_add(1, Ordering::Relaxed);
+                if seen < floor {
+                    violations.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("key {k}: read {seen} after {floor} was acknowledged");
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let hits = cache_count(&env.addr, "hits").await - hits_before;
+    let reads = reads.load(Ordering::Relaxed);
+    println!("strictness: {reads} reads, {hits} cache hits, 0 violations allowed");
+    for column in [
+        "misses",
+        "fills",
+        "fills_stale",
+        "key_invalidations",
+        "table_invalidations",
+        "feeds",
+    ] {
+        println!("{column}: {}", cache_stat(&env.addr, column).await);
+    }
+    assert_eq!(violations.load(Ordering::Relaxed), 0, "stale reads");
+    assert!(
+        hits > 0,
+        "the cache served nothing: the test proves nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_racing_a_write_never_outlives_it() {
+    let env = cached_env().await;
+    let reader = Arc::new(env.client().await);
+    let writer = env.client().await;
+    let checker = env.client().await;
+    for round in 0..300i64 {
+        let version = 10_000 + round;
+        let r = reader.clone();
+        let read = tokio::spawn(async move { balance(&r, 5).await });
+        writer
+            .simple_query(&format!(
+                "UPDATE accounts SET balance = {version} WHERE id = 5"
+            ))
+            .await
+            .expect("write");
+        read.await.expect("read task");
+        assert_eq!(
+            balance(&checker, 5).await,
+            version,
+            "round {round}: a stale fill survived the write"
+        );
+    }
+    assert!(
+        cache_count(&env.addr, "fills").await > 0,
+        "nothing was filled: the race was not run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_write_on_the_shard_invalidates_through_the_wal() {
+    let env = cached_env().await;
+    let client = env.client().await;
+    let owner = env.owner("accounts", &router::hash::KeyValue::Int8(11)).0 as usize;
+    assert_eq!(balance(&client, 11).await, 11);
+    assert_eq!(balance(&client, 11).await, 11);
+    let hits = cache_count(&env.addr, "hits").await;
+    assert!(hits > 0, "the read was not cached");
+    let direct = env.direct(owner).await;
+    direct
+        .batch_execute("UPDATE accounts SET balance = 1100 WHERE id = 11")
+        .await
+        .expect("direct update");
+    let written = Instant::now();
+    let seen = eventually(Duration::from_secs(8), || async {
+        balance(&client, 11).await == 1100
+    })
+    .await;
+    let delay = written.elapsed();
+    println!("direct write visible through the cache after {delay:?}");
+    assert!(seen, "a direct write never reached the cache");
+    // Within max_stream_lag (5 s here, for loaded test machines) plus
+    // decoding; normally a few milliseconds.
+    assert!(delay < Duration::from_secs(6), "took {delay:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_another_proxy_invalidates_this_one() {
+    let env = cached_env().await;
+    let (second, _stop) = env.second_proxy().await;
+    wait_serving(&second).await;
+    let here = env.client().await;
+    let there = connect(second, "app", crate::harness::APP_PASSWORD, "db")
+        .await
+        .expect("second proxy");
+    wait_hit(&second, &there, 200).await;
+    assert_eq!(balance(&here, 21).await, 21);
+    assert_eq!(balance(&here, 21).await, 21);
+    there
+        .simple_query("UPDATE accounts SET balance = 2100 WHERE id = 21")
+        .await
+        .expect("update through the second proxy");
+    let seen = eventually(Duration::from_secs(3), || async {
+        balance(&here, 21).await == 2100
+    })
+    .await;
+    assert!(seen, "the first proxy kept serving the old value");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_bypass_the_cache_while_the_feed_is_down() {
+    let env = Arc::new(cached_env().await);
+    let client = env.client().await;
+    let owner = env.owner("accounts", &router::hash::KeyValue::Int8(31)).0 as usize;
+    assert_eq!(balance(&client, 31).await, 31);
+    assert_eq!(balance(&client, 31).await, 31);
+    // Keep cutting the owner's feed (its walsender) for a while.
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (env, stop) = (env.clone(), stop.clone());
+        tokio::spawn(async move {
+            let direct = env.direct(owner).await;
+            while !stop.load(Ordering::Relaxed) {
+                direct
+                    .batch_execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE backend_type = 'walsender'",
+                    )
+                    .await
+                    .expect("terminate walsenders");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let down = eventually(Duration::from_secs(3), || async {
+        cache_stat(&env.addr, "feeds").await.contains(" down")
+    })
+    .await;
+    assert!(down, "SHOW CACHE never reported the feed down");
+    env.direct(owner)
+        .await
+        .batch_execute("UPDATE accounts SET balance = 3100 WHERE id = 31")
+        .await
+        .expect("direct write while the feed is down");
+    for _ in 0..20 {
+        assert_eq!(
+            balance(&client, 31).await,
+            3100,
+            "stale read while the feed was down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    killer.await.expect("killer");
+    // The feed comes back and the cache serves again.
+    wait_serving(&env.addr).await;
+    wait_hit(&env.addr, &client, 31).await;
+    assert_eq!(balance(&client, 31).await, 3100);
+}
