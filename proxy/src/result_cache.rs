@@ -379,11 +379,19 @@ impl ResultCache {
         }
     }
 
-    /// The cache key of a simple Query: who asks, with which session
-    /// settings, and the text.
-    pub fn query_identity(database: &str, user: &str, params_hash: u64, text: &[u8]) -> Vec<u8> {
+    /// The cache key of a request: its protocol (`Q` for a simple Query,
+    /// `E` for Bind/Execute), who asks, with which session settings, and
+    /// the request (the query text; or the statement, the Bind parameters
+    /// with their formats and the result formats).
+    pub fn identity(
+        kind: u8,
+        database: &str,
+        user: &str,
+        params_hash: u64,
+        text: &[u8],
+    ) -> Vec<u8> {
         let mut id = Vec::with_capacity(database.len() + user.len() + text.len() + 12);
-        id.push(b'Q');
+        id.push(kind);
         id.extend_from_slice(database.as_bytes());
         id.push(0);
         id.extend_from_slice(user.as_bytes());

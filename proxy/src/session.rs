@@ -1182,7 +1182,11 @@ impl Session {
         };
         let frame = &conn.buf[..frame_len];
         match tag {
-            backend::ROW_DESCRIPTION | backend::DATA_ROW | backend::COMMAND_COMPLETE
+            backend::BIND_COMPLETE
+            | backend::ROW_DESCRIPTION
+            | backend::NO_DATA
+            | backend::DATA_ROW
+            | backend::COMMAND_COMPLETE
                 if !fill.complete
                     && fill.reply.len() + frame.len() <= cache.config().entry_bytes_max =>
             {

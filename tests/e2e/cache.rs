@@ -447,3 +447,66 @@ async fn reads_bypass_the_cache_while_the_feed_is_down() {
     wait_hit(&env.addr, &client, 31).await;
     assert_eq!(balance(&client, 31).await, 3100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_point_reads_are_cached_in_binary_and_text() {
+    let env = cached_env().await;
+    let client = env.client().await;
+    let owner = env.owner("accounts", &router::hash::KeyValue::Int8(42)).0 as usize;
+    let read = || async {
+        let row = client
+            .query_one("SELECT balance FROM accounts WHERE id = $1", &[&42i64])
+            .await
+            .expect("prepared read");
+        row.get::<_, i64>(0)
+    };
+    // Binary results (tokio-postgres asks for them).
+    assert_eq!(read().await, 42);
+    let hit = eventually(Duration::from_secs(20), || async {
+        let before = cache_count(&env.addr, "hits").await;
+        read().await;
+        cache_count(&env.addr, "hits").await > before
+    })
+    .await;
+    assert!(hit, "prepared reads were never answered from the cache");
+    let before = server_reads(&env, owner).await;
+    for _ in 0..20 {
+        assert_eq!(read().await, 42);
+    }
+    assert_eq!(
+        server_reads(&env, owner).await,
+        before,
+        "cached reads reached the shard"
+    );
+    // A write through the proxy is seen by the next prepared read.
+    client
+        .execute(
+            "UPDATE accounts SET balance = $2 WHERE id = $1",
+            &[&42i64, &4200i64],
+        )
+        .await
+        .expect("update");
+    assert_eq!(read().await, 4200);
+
+    // Text results, with a Describe of the portal: the replayed reply is
+    // the same, message for message.
+    let mut raw = crate::raw::Raw::login(env.addr).await;
+    let mut replies = Vec::new();
+    let hits = cache_count(&env.addr, "hits").await;
+    for _ in 0..4 {
+        raw.parse("", "SELECT balance FROM accounts WHERE id = $1")
+            .bind("", &["42"])
+            .describe(b'P', "")
+            .execute()
+            .sync();
+        replies.push(raw.until_ready().await);
+    }
+    let expected = ["1", "2", "T", "D:4200", "C:SELECT 1", "Z:I"];
+    for reply in &replies {
+        assert_eq!(reply, &expected);
+    }
+    assert!(
+        cache_count(&env.addr, "hits").await >= hits + 2,
+        "text-format reads were not answered from the cache"
+    );
+}

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use router::insert_split::ShardInsert;
 use router::scatter::ScatterPlan;
 use router::{Route, ShardId, ShardMap, StatementKind};
@@ -44,6 +44,35 @@ enum Decision {
     /// COPY FROM STDIN into a sharded table, rows split by key.
     CopyIn(Arc<router::Analysis>),
     Refuse(String),
+}
+
+/// The Describe (of the unnamed portal, optional), Execute (of all its
+/// rows) and Sync that follow a Bind at the start of `buf`, when all are
+/// there: their total length, and whether the Describe is among them.
+fn execute_batch(buf: &[u8]) -> Option<(usize, bool)> {
+    let frame = |at: usize| -> Option<(u8, &[u8], usize)> {
+        let tag = *buf.get(at)?;
+        let len = u32::from_be_bytes(buf.get(at + 1..at + 5)?.try_into().ok()?) as usize;
+        let body = buf.get(at + 5..(at + 1 + len).max(at + 5))?;
+        Some((tag, body, 1 + len.max(4)))
+    };
+    let mut at = 0;
+    let (mut tag, mut body, mut len) = frame(at)?;
+    let describe = tag == frontend::DESCRIBE;
+    if describe {
+        if body != b"P\0" {
+            return None;
+        }
+        at += len;
+        (tag, body, len) = frame(at)?;
+    }
+    // The unnamed portal, every row (max_rows 0).
+    if tag != frontend::EXECUTE || body != [0, 0, 0, 0, 0] {
+        return None;
+    }
+    at += len;
+    let (tag, body, len) = frame(at)?;
+    (tag == frontend::SYNC && body.is_empty()).then_some((at + len, describe))
 }
 
 /// What the cache does for a point read.
@@ -870,6 +899,12 @@ impl Session {
     /// with its reply (from the primary: a replica may not have the latest
     /// write yet).
     fn cached_query(&mut self, text: &[u8], shard: ShardId, map: &ShardMap) -> CacheStep {
+        self.cached(b'Q', text, shard, map)
+    }
+
+    /// Looks the request `text` of protocol `kind` (`Q` or `E`) up, or arms
+    /// a fill; the reply is answered locally, with ReadyForQuery, on a hit.
+    fn cached(&mut self, kind: u8, text: &[u8], shard: ShardId, map: &ShardMap) -> CacheStep {
         let Some(point) = self.point_read.take() else {
             return CacheStep::Bypass;
         };
@@ -888,7 +923,8 @@ impl Session {
         if !quiet || !cache.serves(&point.table, addr, &self.shared.backends, map) {
             return CacheStep::Bypass;
         }
-        let identity = ResultCache::query_identity(
+        let identity = ResultCache::identity(
+            kind,
             &self.database,
             &self.user.name,
             params_hash(&self.params),
@@ -906,6 +942,37 @@ impl Session {
             complete: false,
         });
         CacheStep::Fill
+    }
+
+    /// The extended-protocol form of [`Session::cached_query`]: a Bind of
+    /// the unnamed portal followed, already in the client's buffer, by an
+    /// optional Describe of that portal, an Execute of all its rows and a
+    /// Sync. A hit answers the four messages and consumes the other three.
+    fn cached_bind(
+        &mut self,
+        bind: &Bind<'_>,
+        definition: &[u8],
+        shard: ShardId,
+        map: &ShardMap,
+    ) -> CacheStep {
+        if !bind.portal.is_empty() {
+            self.point_read = None;
+            return CacheStep::Bypass;
+        }
+        let Some((batch_len, describe)) = execute_batch(&self.cbuf) else {
+            self.point_read = None;
+            return CacheStep::Bypass;
+        };
+        let mut text = Vec::with_capacity(1 + definition.len() + bind.rest.len() + 5);
+        text.push(u8::from(describe));
+        text.extend_from_slice(&(definition.len() as u32).to_le_bytes());
+        text.extend_from_slice(definition);
+        text.extend_from_slice(bind.rest);
+        let step = self.cached(b'E', &text, shard, map);
+        if matches!(step, CacheStep::Hit) {
+            self.cbuf.advance(batch_len);
+        }
+        step
     }
 
     /// Whether the attached server connection is to a primary.
@@ -1026,7 +1093,16 @@ impl Session {
         };
         let (shards, job) = match self.decide(sql, map, route_params) {
             Decision::Run(shard, read) => {
-                return self.bind_on(shard, read, frame, &bind, map).await
+                let read = match self.cached_bind(&bind, &definition, shard, map) {
+                    CacheStep::Hit => return Ok(()),
+                    CacheStep::Fill => None,
+                    CacheStep::Bypass => read,
+                };
+                self.bind_on(shard, read, frame, &bind, map).await?;
+                if self.fill.is_some() && !self.on_primary() {
+                    self.fill = None;
+                }
+                return Ok(());
             }
             Decision::Refuse(why) => return self.fail(Error::Refused(why), frontend::BIND).await,
             multi => match multi_job(multi, sql, map) {
