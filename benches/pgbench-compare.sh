@@ -374,10 +374,7 @@ log "$nrows rows x 3 targets x $ROUNDS round(s) x ${DURATION}s; load average $LO
 for ((r = 0; r < ROUNDS; r++)); do
     order=("${TARGETS[@]:r % 3}" "${TARGETS[@]:0:r % 3}")
     for mode in $MODES; do
-        for t in $STORM_TARGETS; do
-    [[ $t == pgbouncer || $t == shardline ]] || die "unknown target '$t' in STORM_TARGETS"
-done
-for c in $CLIENTS; do
+        for c in $CLIENTS; do
             for t in "${order[@]}"; do
                 pid=$(target_pid "$t")
                 f=$WORK/logs/run-r$r-$mode-c$c-$t.log
