@@ -224,10 +224,12 @@ impl ShardNodes {
     pub fn stream_lag(&self, lsn: u64, at: Instant) -> Option<Duration> {
         let samples = self.samples.lock().expect("lock poisoned");
         samples.back()?;
+        // Samples only move forward, so the first one past `lsn` is found
+        // by bisection (this runs on every cache lookup).
+        let first_past = samples.partition_point(|(_, primary)| *primary <= lsn);
         Some(
             samples
-                .iter()
-                .find(|(_, primary)| *primary > lsn)
+                .get(first_past)
                 .map_or(Duration::ZERO, |(t, _)| at.saturating_duration_since(*t)),
         )
     }

@@ -24,7 +24,7 @@ use cache::pgoutput::Value;
 use cache::store::{Settings, Stats, Store, Ticket};
 use router::hash::KeyValue;
 use router::key_param::{decode_key, FORMAT_TEXT};
-use router::{Analysis, KeySource, ShardMap, StatementKind};
+use router::{Analysis, KeySource, ShardId, ShardMap, StatementKind};
 use twox_hash::XxHash3_64;
 
 use crate::backends::Backends;
@@ -244,7 +244,10 @@ impl ResultCache {
 
     /// Whether the cache may serve `table` on the shard whose primary is at
     /// `addr`: its feed is connected and caught up.
-    pub fn serves(&self, table: &str, addr: &str, backends: &Backends, map: &ShardMap) -> bool {
+    pub fn serves(&self, table: &str, shard: ShardId, backends: &Backends, map: &ShardMap) -> bool {
+        let Some(addr) = map.shards.get(&shard).map(|s| s.primary.as_str()) else {
+            return false;
+        };
         let Some(feed) = self.feeds.lock().expect("lock poisoned").get(addr).cloned() else {
             return false;
         };
@@ -261,12 +264,7 @@ impl ResultCache {
         if !published.is_some_and(|from| position >= from) {
             return false;
         }
-        let Some(nodes) = map
-            .shards
-            .values()
-            .find(|s| s.primary == addr)
-            .and_then(|s| backends.shard(s.id, map))
-        else {
+        let Some(nodes) = backends.shard(shard, map) else {
             return false;
         };
         nodes

@@ -917,10 +917,7 @@ impl Session {
             && self.retry.is_none()
             && !self.skipping_to_sync
             && !self.server_in_transaction();
-        let Some(addr) = map.shards.get(&shard).map(|s| s.primary.as_str()) else {
-            return CacheStep::Bypass;
-        };
-        if !quiet || !cache.serves(&point.table, addr, &self.shared.backends, map) {
+        if !quiet || !cache.serves(&point.table, shard, &self.shared.backends, map) {
             return CacheStep::Bypass;
         }
         let identity = ResultCache::identity(
