@@ -1,4 +1,5 @@
-//! `shardline admin`: the operator's view of and hand on the metadata group.
+//! `shardline admin`: the operator's view of and hand on the metadata group,
+//! and on a proxy's point-read cache (through its admin console).
 //! Human-readable tables by default, `--json` for scripts.
 
 use std::collections::BTreeMap;
@@ -18,15 +19,15 @@ pub struct AdminArgs {
     /// dev cluster started from `--dir` is used.
     #[arg(long, value_delimiter = ',')]
     meta: Vec<String>,
-    /// The `shardline dev` directory whose metadata node to use.
+    /// The `shardline dev` directory whose metadata node (and proxy) to use.
     #[arg(long, default_value = "./.shardline/dev")]
     dir: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// A proxy's admin console, for what that proxy sees of the servers
-    /// (`postgres://USER:PASSWORD@HOST:PORT/shardline`, an admin user).
-    /// Without it, the proxy of the dev cluster in `--dir`.
+    /// A proxy's admin console, for what that proxy sees of the servers and
+    /// for its cache (`postgres://USER:PASSWORD@HOST:PORT/shardline`, an
+    /// admin user). Without it, the proxy of the dev cluster in `--dir`.
     #[arg(long, global = true)]
     proxy: Option<String>,
     #[command(subcommand)]
@@ -35,6 +36,36 @@ pub struct AdminArgs {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// A proxy's point-read cache (its admin console; see `--proxy`).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+    #[command(flatten)]
+    Meta(MetaCommand),
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Counters, cached tables and each change feed's state (`SHOW CACHE`).
+    Stats,
+    /// Cache point reads of a sharded table from now on (`CACHE ENABLE`).
+    Enable {
+        /// The table, as the shard map names it.
+        table: String,
+    },
+    /// Stop caching a table and drop its entries (`CACHE DISABLE`).
+    Disable {
+        /// The table, as the shard map names it.
+        table: String,
+    },
+    /// Drop every cached entry (`CACHE FLUSH`).
+    Flush,
+}
+
+/// Commands on the metadata group (with `shards` also asking a proxy).
+#[derive(Subcommand)]
+enum MetaCommand {
     /// Members, leader, epoch and proxy leases.
     Status,
     /// Shards and their addresses, and each server's role, health, lag and
@@ -94,12 +125,9 @@ macro_rules! out {
     }};
 }
 
-/// `SHOW SHARDS` from a proxy's admin console: the column names and the rows
-/// (NULL as an empty string).
-async fn proxy_servers(
-    url: Option<&str>,
-    dir: &Path,
-) -> anyhow::Result<(Vec<String>, Vec<Vec<String>>)> {
+/// A connection to a proxy's admin console: `url`, or the proxy of the dev
+/// cluster in `dir` (as its first admin user).
+async fn proxy_console(url: Option<&str>, dir: &Path) -> anyhow::Result<tokio_postgres::Client> {
     let config: tokio_postgres::Config = match url {
         Some(url) => url.parse().context("--proxy is not a connection URL")?,
         None => {
@@ -128,21 +156,160 @@ async fn proxy_servers(
     .context("timed out connecting to the proxy")?
     .context("cannot reach the proxy's admin console")?;
     tokio::spawn(connection);
+    Ok(client)
+}
+
+/// An error the proxy's admin console answered a command with.
+#[derive(Debug)]
+struct ConsoleError(String);
+
+impl std::fmt::Display for ConsoleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the proxy refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConsoleError {}
+
+/// Runs `command` on the admin console: the column names and the rows (NULL
+/// as an empty string). An ErrorResponse becomes a [`ConsoleError`].
+async fn console_query(
+    client: &tokio_postgres::Client,
+    command: &str,
+) -> anyhow::Result<(Vec<String>, Vec<Vec<String>>)> {
+    let messages = match client.simple_query(command).await {
+        Ok(messages) => messages,
+        Err(e) => {
+            return Err(match e.as_db_error() {
+                Some(db) => ConsoleError(db.message().to_owned()).into(),
+                None => anyhow::Error::new(e).context(format!("sending {command}")),
+            })
+        }
+    };
     let mut columns = Vec::new();
     let mut rows = Vec::new();
-    for message in client.simple_query("SHOW SHARDS").await? {
-        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-            if columns.is_empty() {
-                columns = row.columns().iter().map(|c| c.name().to_owned()).collect();
+    for message in messages {
+        match message {
+            tokio_postgres::SimpleQueryMessage::RowDescription(description) => {
+                columns = description.iter().map(|c| c.name().to_owned()).collect();
             }
-            rows.push(
+            tokio_postgres::SimpleQueryMessage::Row(row) => rows.push(
                 (0..row.len())
                     .map(|i| row.get(i).unwrap_or_default().to_owned())
                     .collect(),
-            );
+            ),
+            _ => {}
         }
     }
     Ok((columns, rows))
+}
+
+/// `SHOW SHARDS` from a proxy's admin console.
+async fn proxy_servers(
+    url: Option<&str>,
+    dir: &Path,
+) -> anyhow::Result<(Vec<String>, Vec<Vec<String>>)> {
+    let client = proxy_console(url, dir).await?;
+    console_query(&client, "SHOW SHARDS").await
+}
+
+/// `shardline admin cache ...`: one console command; needs no metadata group.
+async fn run_cache(
+    action: CacheAction,
+    url: Option<&str>,
+    dir: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    if let CacheAction::Enable { table } | CacheAction::Disable { table } = &action {
+        console_table(table)?;
+    }
+    let client = proxy_console(url, dir).await?;
+    let (command, confirmation) = match &action {
+        CacheAction::Stats => {
+            let (columns, rows) = console_query(&client, "SHOW CACHE").await?;
+            // Without a cache the console sends the columns but no row.
+            let Some(row) = rows.into_iter().next() else {
+                return Err(ConsoleError(proxy::admin::NO_CACHE.to_owned()).into());
+            };
+            return print_cache_stats(&columns, row, json);
+        }
+        CacheAction::Enable { table } => (
+            format!("CACHE ENABLE {table}"),
+            format!("cache enabled for {table}: served once each shard's change feed publishes it"),
+        ),
+        CacheAction::Disable { table } => (
+            format!("CACHE DISABLE {table}"),
+            format!("cache disabled for {table}: its entries are dropped"),
+        ),
+        CacheAction::Flush => (
+            "CACHE FLUSH".to_owned(),
+            "cache flushed: every entry dropped".to_owned(),
+        ),
+    };
+    console_query(&client, &command).await?;
+    if json {
+        return print_json(&json!({"ok": true, "message": confirmation}));
+    }
+    out!("{confirmation}");
+    Ok(())
+}
+
+/// Checks that `table` is a name the console's `CACHE ENABLE|DISABLE <table>`
+/// takes: one word, which it uses as written.
+fn console_table(table: &str) -> anyhow::Result<()> {
+    let word = !table.is_empty()
+        && !table
+            .chars()
+            .any(|c| c.is_whitespace() || c == ';' || c == '"' || c.is_control());
+    anyhow::ensure!(
+        word,
+        "{table:?} is not a table name the console accepts: give it as the shard map names it, \
+         without spaces, quotes or semicolons"
+    );
+    Ok(())
+}
+
+/// The `SHOW CACHE` row as (name, value) lines, or as one JSON object with
+/// numbers as numbers and `tables` and `feeds` as lists.
+fn print_cache_stats(columns: &[String], row: Vec<String>, json: bool) -> anyhow::Result<()> {
+    if json {
+        let object: serde_json::Map<String, serde_json::Value> = columns
+            .iter()
+            .zip(row)
+            .map(|(name, value)| {
+                let value = match name.as_str() {
+                    "tables" => json!(value
+                        .split(", ")
+                        .filter(|t| !t.is_empty())
+                        .collect::<Vec<_>>()),
+                    "feeds" => json!(value.lines().collect::<Vec<_>>()),
+                    _ => {
+                        if let Ok(n) = value.parse::<u64>() {
+                            json!(n)
+                        } else if let Ok(x) = value.parse::<f64>() {
+                            json!(x)
+                        } else {
+                            json!(value)
+                        }
+                    }
+                };
+                (name.clone(), value)
+            })
+            .collect();
+        return print_json(&serde_json::Value::Object(object));
+    }
+    let mut rows = Vec::new();
+    for (name, value) in columns.iter().zip(row) {
+        // One line per feed, so the table stays aligned.
+        let mut lines = value.lines();
+        rows.push(vec![
+            name.clone(),
+            lines.next().unwrap_or_default().to_owned(),
+        ]);
+        rows.extend(lines.map(|line| vec![String::new(), line.to_owned()]));
+    }
+    table(&["name", "value"], rows);
+    Ok(())
 }
 
 /// File in a dev directory holding the metadata node's address.
@@ -160,6 +327,12 @@ pub fn dev_meta_addr(dir: &Path) -> anyhow::Result<String> {
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let command = match args.command {
+        AdminCommand::Cache { action } => {
+            return run_cache(action, args.proxy.as_deref(), &args.dir, args.json).await
+        }
+        AdminCommand::Meta(command) => command,
+    };
     let addrs = if args.meta.is_empty() {
         vec![dev_meta_addr(&args.dir)?]
     } else {
@@ -167,8 +340,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     };
     let client = MetaClient::new(addrs);
     let json = args.json;
-    match args.command {
-        AdminCommand::Status => {
+    match command {
+        MetaCommand::Status => {
             let s = client.status().await?;
             if json {
                 return print_json(&json!({
@@ -216,14 +389,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 }
             );
         }
-        AdminCommand::Members => {
+        MetaCommand::Members => {
             let s = client.status().await?;
             if json {
                 return print_json(&json!(s.members.iter().map(|(id, addr, voter)| json!({"id": id, "addr": addr, "voter": voter, "leader": Some(*id) == s.leader})).collect::<Vec<_>>()));
             }
             print_members(&s.members, s.leader);
         }
-        AdminCommand::Shards => {
+        MetaCommand::Shards => {
             let (state, _) = client.read().await?;
             let map = &state.map;
             if json {
@@ -267,7 +440,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 Err(e) => eprintln!("\n(no server health: {e:#})"),
             }
         }
-        AdminCommand::AddShard {
+        MetaCommand::AddShard {
             id,
             primary,
             replicas,
@@ -281,13 +454,13 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .await?;
             done(json, &format!("shard {id} added"), applied.epoch)?;
         }
-        AdminCommand::RemoveShard { id } => {
+        MetaCommand::RemoveShard { id } => {
             let applied = client
                 .propose(Command::RemoveShard { id: ShardId(id) })
                 .await?;
             done(json, &format!("shard {id} removed"), applied.epoch)?;
         }
-        AdminCommand::Tables => {
+        MetaCommand::Tables => {
             let (state, _) = client.read().await?;
             let map = &state.map;
             if json {
@@ -308,7 +481,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .collect();
             table(&["table", "key", "type", "group", "partitions"], rows);
         }
-        AdminCommand::DeclareTable {
+        MetaCommand::DeclareTable {
             name,
             key,
             key_type,
@@ -327,19 +500,19 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .await?;
             done(json, &format!("table {name} declared"), applied.epoch)?;
         }
-        AdminCommand::Placement => {
+        MetaCommand::Placement => {
             let (state, _) = client.read().await?;
             print_placement(&state.map, json)?;
         }
-        AdminCommand::Route { sql } => {
+        MetaCommand::Route { sql } => {
             let (state, _) = client.read().await?;
             print_route(&state.map, &sql, json)?;
         }
-        AdminCommand::AddMember { id, addr } => {
+        MetaCommand::AddMember { id, addr } => {
             client.add_member(id, &addr).await?;
             done(json, &format!("node {id} ({addr}) is a voting member"), 0)?;
         }
-        AdminCommand::RemoveMember { id } => {
+        MetaCommand::RemoveMember { id } => {
             client.remove_member(id).await?;
             done(json, &format!("node {id} removed"), 0)?;
         }
@@ -529,6 +702,9 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 
 /// Turns a refused command into a clean message for the operator.
 pub fn explain(e: &anyhow::Error) -> Option<String> {
+    if let Some(refused) = e.downcast_ref::<ConsoleError>() {
+        return Some(refused.to_string());
+    }
     match e.downcast_ref::<metadata::Error>()? {
         metadata::Error::Refused(r) => Some(format!("refused: {r}")),
         metadata::Error::NoLeader(why) => Some(format!(

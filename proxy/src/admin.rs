@@ -19,6 +19,11 @@ use crate::shared::Shared;
 /// The database name that reaches the console instead of a server.
 pub const DATABASE: &str = "shardline";
 
+/// The error a cache command gets from a proxy without a cache (one that
+/// follows no shard map). `SHOW CACHE` there returns no row.
+pub const NO_CACHE: &str =
+    "this proxy has no cache: it caches sharded tables, and follows no shard map";
+
 /// Largest message the console reads.
 const MESSAGE_BYTES_MAX: u32 = 65_535;
 
@@ -118,13 +123,7 @@ fn cache_command(shared: &Shared, out: &mut BytesMut, run: impl FnOnce(&ResultCa
             run(cache);
             rows::encode_command_complete(out, b"CACHE");
         }
-        None => backend::encode_error(
-            out,
-            backend::ERROR_RESPONSE,
-            "ERROR",
-            "0A000",
-            "this proxy has no cache: it caches sharded tables, and follows no shard map",
-        ),
+        None => backend::encode_error(out, backend::ERROR_RESPONSE, "ERROR", "0A000", NO_CACHE),
     }
 }
 

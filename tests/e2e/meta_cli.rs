@@ -1,8 +1,14 @@
 //! The `shardline meta` and `shardline admin` commands as an operator runs
-//! them: three node processes forming a group, then admin commands against it.
+//! them: three node processes forming a group, then admin commands against it;
+//! and `shardline admin cache` against a proxy's admin console.
 
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::harness::{eventually, start_proxy, Options};
+use crate::sharded_env::ShardedEnv;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardline");
 
@@ -149,4 +155,134 @@ fn three_meta_processes_form_a_group_that_admin_can_change() {
     let text = String::from_utf8_lossy(&shards.stdout);
     assert!(text.starts_with("shard"), "{text}");
     assert!(text.contains("10.0.0.1:5433"), "{text}");
+}
+
+/// `shardline admin --proxy URL cache ARGS`, run without blocking the
+/// runtime the in-process proxy lives on.
+async fn admin_cache(url: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(["admin", "--proxy", url, "cache"])
+        .args(args)
+        .output()
+        .await
+        .expect("run shardline admin cache")
+}
+
+/// What `admin cache` printed, after checking that it succeeded.
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "admin cache failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).expect("UTF-8 output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_cache_enables_disables_and_flushes_through_the_console() {
+    // Arrange: a proxy with a cache but no cached table, and an admin user.
+    let env = ShardedEnv::with_sections(
+        1,
+        Options::default(),
+        r#"
+[cache]
+max_bytes = 1048576
+
+[[users]]
+name = "ops"
+auth = "trust"
+admin = true
+"#,
+    )
+    .await;
+    let url = format!("postgres://ops@127.0.0.1:{}/shardline", env.addr.port());
+    let stats = json(&admin_cache(&url, &["--json", "stats"]).await);
+    assert_eq!(stats["tables"], json!([]), "{stats}");
+    assert_eq!(
+        stats["max_bytes"], 1_048_576,
+        "the configured bound, as a number"
+    );
+    assert_eq!(stats["feeds"], json!([]), "no table, no change feed");
+
+    // Act: enable accounts.
+    let enabled = stdout(&admin_cache(&url, &["enable", "accounts"]).await);
+    assert!(
+        enabled.starts_with("cache enabled for accounts"),
+        "{enabled}"
+    );
+
+    // Check: it is cached, the proxy starts the shard's change feed, and the
+    // table form lists it.
+    let stats = json(&admin_cache(&url, &["--json", "stats"]).await);
+    assert_eq!(stats["tables"], json!(["accounts"]), "{stats}");
+    let feed_started = eventually(Duration::from_secs(5), || async {
+        let stats = json(&admin_cache(&url, &["--json", "stats"]).await);
+        stats["feeds"]
+            .as_array()
+            .is_some_and(|feeds| feeds.len() == 1)
+    })
+    .await;
+    assert!(feed_started, "enabling a table started no change feed");
+    let text = stdout(&admin_cache(&url, &["stats"]).await);
+    let mut lines = text.lines();
+    assert_eq!(
+        lines
+            .next()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>()),
+        Some(vec!["name", "value"]),
+        "{text}"
+    );
+    assert!(
+        lines.any(|l| l.split_whitespace().collect::<Vec<_>>() == ["tables", "accounts"]),
+        "{text}"
+    );
+
+    // Disable: no longer cached. Flush: succeeds and leaves nothing.
+    let disabled = json(&admin_cache(&url, &["--json", "disable", "accounts"]).await);
+    assert_eq!(disabled["ok"], true, "{disabled}");
+    let stats = json(&admin_cache(&url, &["--json", "stats"]).await);
+    assert_eq!(stats["tables"], json!([]), "{stats}");
+    let flushed = stdout(&admin_cache(&url, &["flush"]).await);
+    assert!(flushed.starts_with("cache flushed"), "{flushed}");
+    let stats = json(&admin_cache(&url, &["--json", "stats"]).await);
+    assert_eq!(stats["entries"], 0, "{stats}");
+
+    // A name the console would misread is refused before anything is sent.
+    let refused = admin_cache(&url, &["enable", "accounts; CACHE FLUSH"]).await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("is not a table name"), "{stderr}");
+
+    // A proxy that follows no shard map has no cache: every action says so
+    // and exits non-zero.
+    let (plain, _stop) = start_proxy(&format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+
+[[users]]
+name = "ops"
+auth = "trust"
+admin = true
+
+[[databases]]
+name = "db"
+port = {}
+dbname = "postgres"
+server_user = "postgres"
+server_password = "postgres"
+"#,
+        env.pg[0].port()
+    ))
+    .await;
+    let url = format!("postgres://ops@127.0.0.1:{}/shardline", plain.port());
+    for action in [&["stats"][..], &["enable", "accounts"], &["flush"]] {
+        let output = admin_cache(&url, action).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{action:?} succeeded");
+        assert!(
+            stderr.contains("shardline admin: the proxy refused: this proxy has no cache"),
+            "{action:?}: {stderr}"
+        );
+    }
 }
