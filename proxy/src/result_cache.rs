@@ -83,6 +83,11 @@ pub struct Invalidations {
 }
 
 impl Invalidations {
+    /// The write's effects are not known: every cached table.
+    pub fn everything(&mut self) {
+        self.all = true;
+    }
+
     pub fn is_empty(&self) -> bool {
         !self.all && self.tables.is_empty() && self.keys.is_empty()
     }

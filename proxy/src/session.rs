@@ -1082,6 +1082,18 @@ impl Session {
                 return Ok(());
             }
             if tag == backend::COMMAND_COMPLETE
+                && !self.cache_writes.is_empty()
+                && conn.buf[wire::HEADER_LEN..frame_len].starts_with(b"COMMIT")
+            {
+                // Committed now, whether or not a ReadyForQuery follows soon
+                // (an Execute of COMMIT then Flush; `COMMIT; SELECT ...`).
+                self.apply_cache_writes();
+            }
+            let conn = self
+                .server
+                .as_deref_mut()
+                .expect("checked at the top of the loop");
+            if tag == backend::COMMAND_COMPLETE
                 && (self.pending.head_has_effects() || !self.txn_effects.is_empty())
             {
                 let body = conn.buf[wire::HEADER_LEN..frame_len].to_vec();

@@ -143,8 +143,27 @@ pub fn analyse(sql: &str, map: &ShardMap) -> Result<Analysis> {
     }
     let replica = replica::classify(&parsed.protobuf.stmts);
     let mut analysis = walker.finish(kind.unwrap_or(StatementKind::Other), replica);
-    analysis.point_read = is_point_read(&parsed.protobuf.stmts, &analysis);
+    analysis.point_read =
+        is_point_read(&parsed.protobuf.stmts, &analysis) && !names_a_moving_date(sql);
     Ok(analysis)
+}
+
+/// Whether `sql` holds one of the date/time input words whose value moves
+/// (`'now'::timestamptz`, `'today'::date`, ...), as a whole word anywhere:
+/// a literal cast to a date/time type is no function call, yet it varies.
+/// (A column named `today` only costs its reads the cache.)
+fn names_a_moving_date(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    let word_char = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    ["now", "today", "tomorrow", "yesterday"]
+        .iter()
+        .any(|word| {
+            lower.match_indices(word).any(|(at, _)| {
+                let before = at.checked_sub(1).map(|i| lower.as_bytes()[i]);
+                let after = lower.as_bytes().get(at + word.len()).copied();
+                !before.is_some_and(word_char) && !after.is_some_and(word_char)
+            })
+        })
 }
 
 /// See [`Analysis::point_read`].
@@ -2208,6 +2227,8 @@ mod point_read_tests {
             "SELECT * FROM accounts WHERE id = 1 UNION SELECT * FROM accounts WHERE id = 1",
             "SELECT * FROM accounts TABLESAMPLE SYSTEM (10) WHERE id = 1",
             "SELECT * INTO copy FROM accounts WHERE id = 1",
+            "SELECT balance, 'now'::timestamptz FROM accounts WHERE id = 1",
+            "SELECT * FROM accounts WHERE id = 1 AND 'Today '::date > '2020-01-01'",
             "UPDATE accounts SET balance = 1 WHERE id = 1",
             "SELECT * FROM plain WHERE id = 1",
         ] {

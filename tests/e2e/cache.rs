@@ -27,8 +27,13 @@ admin = true
 /// Two shards, `accounts(id, balance)` sharded by id with ids 1..=200
 /// (balance = id), the cache on for it, and its feeds serving.
 async fn cached_env() -> ShardedEnv {
+    cached_env_with("transaction").await
+}
+
+async fn cached_env_with(pool_mode: &'static str) -> ShardedEnv {
     let options = Options {
         pool_size: 20,
+        pool_mode,
         ..Options::default()
     };
     let env = ShardedEnv::with_sections(2, options, CACHE_SECTIONS).await;
@@ -55,7 +60,9 @@ async fn cached_env() -> ShardedEnv {
             .expect("pg_stat_statements");
     }
     wait_serving(&env.addr).await;
-    wait_hit(&env.addr, &env.client().await, 200).await;
+    if pool_mode == "transaction" {
+        wait_hit(&env.addr, &env.client().await, 200).await;
+    }
     env
 }
 
@@ -509,4 +516,136 @@ async fn prepared_point_reads_are_cached_in_binary_and_text() {
         cache_count(&env.addr, "hits").await >= hits + 2,
         "text-format reads were not answered from the cache"
     );
+}
+
+/// Stops (`true`) or resumes every walsender of every shard: the change
+/// feeds then see nothing, so only the proxy's own invalidations count (for
+/// up to max_stream_lag).
+async fn feeds_paused(env: &ShardedEnv, pause: bool) {
+    for shard in 0..env.pg.len() {
+        let pids: Vec<i32> = env
+            .direct(shard)
+            .await
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'",
+                &[],
+            )
+            .await
+            .expect("walsenders")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for pid in pids {
+            let signal = if pause { "-STOP" } else { "-CONT" };
+            let status = std::process::Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill {signal} {pid}");
+        }
+    }
+}
+
+/// The columns of account `id`'s row, read with a simple query.
+async fn row_width(client: &Client, id: i64) -> usize {
+    let messages = client
+        .simple_query(&format!("SELECT * FROM accounts WHERE id = {id}"))
+        .await
+        .expect("point read");
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row.len()),
+            _ => None,
+        })
+        .expect("the row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_invalidates_its_own_writes_without_the_feed() {
+    // Writes the WAL feed would catch anyway, with the feeds paused: what
+    // remains is the proxy's own invalidation, which must come before the
+    // acknowledgement. (Review findings: extended-protocol multi-shard
+    // writes and DDL, COMMIT executed then flushed without a Sync.)
+    let env = cached_env().await;
+    let reader = env.client().await;
+    let writer = env.client().await;
+    let key = router::hash::KeyValue::Int8;
+    let a = 301i64;
+    let b = (302..400)
+        .find(|&k| env.owner("accounts", &key(k)) != env.owner("accounts", &key(a)))
+        .expect("a key on the other shard");
+    for id in [a, b] {
+        let missing = reader
+            .simple_query(&format!("SELECT balance FROM accounts WHERE id = {id}"))
+            .await
+            .expect("read");
+        assert!(!missing
+            .iter()
+            .any(|m| matches!(m, SimpleQueryMessage::Row(_))));
+    }
+    wait_hit(&env.addr, &reader, 61).await;
+    assert_eq!(row_width(&reader, 62).await, 2);
+    assert_eq!(row_width(&reader, 62).await, 2);
+    feeds_paused(&env, true).await;
+    let outcome = async {
+        // An INSERT split over both shards, with the extended protocol.
+        writer
+            .execute(
+                "INSERT INTO accounts (id, balance) VALUES ($1, $2), ($3, $4)",
+                &[&a, &1i64, &b, &2i64],
+            )
+            .await
+            .expect("split insert");
+        assert_eq!(balance(&reader, a).await, 1, "split insert, first shard");
+        assert_eq!(balance(&reader, b).await, 2, "split insert, second shard");
+        // COMMIT executed, then Flush: committed and acknowledged before Sync.
+        let mut raw = crate::raw::Raw::login(env.addr).await;
+        raw.query("BEGIN; UPDATE accounts SET balance = 6100 WHERE id = 61");
+        raw.until_ready().await;
+        raw.parse("", "COMMIT").bind("", &[]).execute().flush();
+        raw.replies(|r| r == "C:COMMIT").await;
+        assert_eq!(
+            balance(&reader, 61).await,
+            6100,
+            "COMMIT acknowledged before its Sync"
+        );
+        raw.sync();
+        raw.until_ready().await;
+        // DDL with the extended protocol changes what the read returns.
+        writer
+            .execute("ALTER TABLE accounts ADD COLUMN extra int8 DEFAULT 7", &[])
+            .await
+            .expect("extended DDL");
+        assert_eq!(row_width(&reader, 62).await, 3, "a column added");
+    }
+    .await;
+    feeds_paused(&env, false).await;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pooling_does_not_cache() {
+    // A session may hold state the cache key cannot (a temporary table
+    // shadowing the cached one, set_config), so session mode never uses it.
+    let env = cached_env_with("session").await;
+    let client = env.client().await;
+    client
+        .batch_execute(
+            "DO $$ BEGIN CREATE TEMP TABLE accounts (id int8, balance int8); \
+             INSERT INTO accounts VALUES (10, 888); END $$",
+        )
+        .await
+        .expect("temporary table");
+    for _ in 0..3 {
+        assert_eq!(balance(&client, 10).await, 888, "the session's own table");
+    }
+    let other = env.client().await;
+    assert_eq!(
+        balance(&other, 10).await,
+        10,
+        "another session's table leaked"
+    );
+    assert_eq!(cache_count(&env.addr, "hits").await, 0);
+    assert_eq!(cache_count(&env.addr, "fills").await, 0);
 }

@@ -23,7 +23,7 @@ use wire::Frame;
 
 use super::{write_some, ClientStatement, Retry, Session, WriteMark, READ_RETRIES_MAX};
 use crate::backends::{Node, ShardNodes};
-use crate::config::ReadFrom;
+use crate::config::{PoolMode, ReadFrom};
 use crate::error::{Error, Result};
 use crate::pending::{Entry, Expect, LocalReply};
 use crate::pool::Pool;
@@ -404,6 +404,8 @@ impl Session {
     /// it runs on the primary, inside the client's transaction.
     pub(super) async fn attach_function_call(&mut self, map: &ShardMap) -> Result<()> {
         self.statement_writes = true;
+        // The function may write anything.
+        self.cache_writes.everything();
         let shard = self.server_shard.unwrap_or(ShardMap::HOME);
         self.attach(shard, map, None).await?;
         self.start_deferred_transaction();
@@ -762,6 +764,8 @@ impl Session {
             self.settle().await?;
         }
         let Ok(sql) = std::str::from_utf8(text) else {
+            // Not analysed: it may write anything.
+            self.cache_writes.everything();
             return self.run_query_on(ShardMap::HOME, None, frame, map).await;
         };
         if let Some(applied) = self.apply_proxy_setting(sql) {
@@ -842,6 +846,9 @@ impl Session {
     /// their shards by now, or failed there: either way this session's reads
     /// must not miss them on a replica.
     fn note_multi_writes(&mut self, job: &MultiJob, shards: &[ShardId]) {
+        // Committed (multi-shard work runs outside transactions) and about
+        // to be acknowledged, by either protocol.
+        self.apply_cache_writes();
         if matches!(job, MultiJob::Scatter(..)) {
             return;
         }
@@ -911,7 +918,11 @@ impl Session {
         let Some(cache) = &self.shared.cache else {
             return CacheStep::Bypass;
         };
-        let quiet = self.txn_status == TransactionStatus::Idle
+        // Session pooling keeps whatever state the client makes on its
+        // connection (temporary tables, set_config, settings made inside
+        // functions), which the cache key cannot hold: no cache there.
+        let quiet = self.mode == PoolMode::Transaction
+            && self.txn_status == TransactionStatus::Idle
             && self.deferred_begin.is_none()
             && self.pending.is_empty()
             && self.retry.is_none()
@@ -1064,6 +1075,7 @@ impl Session {
         };
         let definition = statement.definition.clone();
         let Ok(sql) = std::str::from_utf8(definition_sql(&definition)) else {
+            self.cache_writes.everything();
             return self.bind_on(ShardMap::HOME, None, frame, &bind, map).await;
         };
         if bind.portal.is_empty() && self.bind_locally(sql) {
