@@ -649,3 +649,51 @@ async fn session_pooling_does_not_cache() {
     assert_eq!(cache_count(&env.addr, "hits").await, 0);
     assert_eq!(cache_count(&env.addr, "fills").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_stays_under_max_bytes() {
+    const MAX: u64 = 256 * 1024;
+    let sections = CACHE_SECTIONS.replace(
+        "[cache]\n",
+        &format!("[cache]\nmax_bytes = {MAX}\nentry_bytes_max = 4096\n"),
+    );
+    let options = Options {
+        pool_size: 8,
+        ..Options::default()
+    };
+    let env = ShardedEnv::with_sections(1, options, &sections).await;
+    env.declare("accounts", "id", KeyType::Int8, 4).await;
+    env.lay_out(
+        "accounts",
+        "CREATE TABLE accounts (id int8 PRIMARY KEY, balance int8 NOT NULL)",
+    )
+    .await;
+    let client = env.client().await;
+    client
+        .simple_query("INSERT INTO accounts (id, balance) VALUES (1, 1)")
+        .await
+        .expect("insert");
+    let serving = eventually(Duration::from_secs(20), || async {
+        cache_stat(&env.addr, "feeds").await.contains(" serving ")
+            && cache_stat(&env.addr, "feeds").await.contains("[accounts]")
+    })
+    .await;
+    assert!(serving, "{}", cache_stat(&env.addr, "feeds").await);
+    // 2,000 distinct cacheable reads of about 1 KiB each: 2 MiB of replies.
+    let pad = "x".repeat(1000);
+    for i in 0..2000 {
+        client
+            .simple_query(&format!(
+                "SELECT balance, '{pad}{i}' AS pad FROM accounts WHERE id = 1"
+            ))
+            .await
+            .expect("read");
+    }
+    let fills = cache_count(&env.addr, "fills").await;
+    let bytes = cache_count(&env.addr, "bytes").await;
+    let evictions = cache_count(&env.addr, "evictions").await;
+    println!("memory bound: {fills} fills, {bytes} bytes kept (max {MAX}), {evictions} evicted");
+    assert!(fills > 1000, "too few fills ({fills}) to test the bound");
+    assert!(bytes <= MAX, "{bytes} bytes cached, max {MAX}");
+    assert!(evictions > 0);
+}
