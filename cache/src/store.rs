@@ -32,6 +32,8 @@ const TABLE_SLOTS: usize = 1 << 10;
 /// What an entry costs beyond its identity and reply (moka's node, the
 /// `Entry`, the `Arc`s), counted in its weight so `max_bytes` bounds memory.
 const ENTRY_OVERHEAD: usize = 160;
+/// Maintenance passes a flush runs at most to free what it dropped.
+const FLUSH_PASSES_MAX: usize = 1000;
 
 /// Bounds of a [`Store`].
 #[derive(Clone, Debug)]
@@ -218,14 +220,20 @@ impl Store {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Drops every entry: none is served from now on, and moka frees them
-    /// as its maintenance catches up (in batches, on later calls).
+    /// Drops every entry: none is served from now on. moka removes them in
+    /// batches as its maintenance runs, so this runs it until they are gone
+    /// (a bounded number of times: readers and writers may add more meanwhile).
     pub fn flush(&self) {
         for generation in self.table_gens.iter() {
             generation.fetch_add(1, Ordering::AcqRel);
         }
         self.entries.invalidate_all();
-        self.entries.run_pending_tasks();
+        for _ in 0..FLUSH_PASSES_MAX {
+            self.entries.run_pending_tasks();
+            if self.entries.entry_count() == 0 {
+                break;
+            }
+        }
     }
 
     pub fn stats(&self) -> Stats {
@@ -373,9 +381,18 @@ mod tests {
 
     #[test]
     fn flush_drops_everything() {
-        let s = store(1 << 20);
-        assert!(s.insert(b"a", reply("a"), s.ticket("t", b"1")));
+        let s = store(64 << 20);
+        for i in 0..50_000u32 {
+            let key = i.to_le_bytes();
+            assert!(s.insert(&key, reply("a"), s.ticket("t", &key)));
+        }
         s.flush();
-        assert_eq!(s.get(b"a"), None);
+        assert_eq!(s.get(&7u32.to_le_bytes()), None);
+        let stats = s.stats();
+        assert_eq!(
+            (stats.entries, stats.bytes),
+            (0, 0),
+            "memory kept after a flush"
+        );
     }
 }
