@@ -60,6 +60,15 @@ pub struct Ticket {
 struct Entry {
     reply: Bytes,
     ticket: Ticket,
+    origin: Origin,
+}
+
+/// Where a reply came from: its table and the shard that answered, so that
+/// a lookup by identity alone can check the shard is still served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub table: Arc<str>,
+    pub shard: u32,
 }
 
 /// Counters since start.
@@ -183,9 +192,23 @@ impl Store {
         }
     }
 
+    /// The reply stored for `identity` and where it came from, if no write
+    /// has touched its row or table since it was read; counts nothing (the
+    /// caller may still decide not to serve it, then [`Store::count_hit`]).
+    pub fn peek(&self, identity: &[u8]) -> Option<(Bytes, Origin)> {
+        let entry = self.entries.get(identity)?;
+        self.current(&entry.ticket)
+            .then(|| (entry.reply.clone(), entry.origin.clone()))
+    }
+
+    /// Counts a hit served from [`Store::peek`].
+    pub fn count_hit(&self) {
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Stores `reply` for `identity`, read under `ticket`; `false` when it is
     /// too large or a write was acknowledged since the ticket was taken.
-    pub fn insert(&self, identity: &[u8], reply: Bytes, ticket: Ticket) -> bool {
+    pub fn insert(&self, identity: &[u8], reply: Bytes, ticket: Ticket, origin: Origin) -> bool {
         if reply.len() > self.entry_bytes_max {
             self.counters
                 .fills_too_large
@@ -196,8 +219,14 @@ impl Store {
             self.counters.fills_stale.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        self.entries
-            .insert(identity.into(), Arc::new(Entry { reply, ticket }));
+        self.entries.insert(
+            identity.into(),
+            Arc::new(Entry {
+                reply,
+                ticket,
+                origin,
+            }),
+        );
         self.counters.fills.fetch_add(1, Ordering::Relaxed);
         true
     }
@@ -286,6 +315,13 @@ mod tests {
         })
     }
 
+    fn origin() -> Origin {
+        Origin {
+            table: "t".into(),
+            shard: 0,
+        }
+    }
+
     fn reply(text: &str) -> Bytes {
         Bytes::copy_from_slice(text.as_bytes())
     }
@@ -294,7 +330,7 @@ mod tests {
     fn serves_a_fill_until_its_key_is_written() {
         let s = store(1 << 20);
         let t = s.ticket("accounts", b"1");
-        assert!(s.insert(b"q1", reply("row 1"), t));
+        assert!(s.insert(b"q1", reply("row 1"), t, origin()));
         assert_eq!(s.get(b"q1"), Some(reply("row 1")));
         s.invalidate_key("accounts", b"2");
         assert_eq!(s.get(b"q1"), Some(reply("row 1")), "another key");
@@ -305,11 +341,25 @@ mod tests {
     }
 
     #[test]
+    fn peek_gives_the_origin_and_counts_nothing() {
+        let s = store(1 << 20);
+        let from = Origin {
+            table: "accounts".into(),
+            shard: 3,
+        };
+        assert!(s.insert(b"q", reply("r"), s.ticket("accounts", b"1"), from.clone()));
+        assert_eq!(s.peek(b"q"), Some((reply("r"), from)));
+        assert_eq!((s.stats().hits, s.stats().misses), (0, 0));
+        s.invalidate_key("accounts", b"1");
+        assert_eq!(s.peek(b"q"), None);
+    }
+
+    #[test]
     fn a_table_invalidation_drops_every_key_of_the_table_only() {
         let s = store(1 << 20);
-        assert!(s.insert(b"a", reply("a"), s.ticket("accounts", b"1")));
-        assert!(s.insert(b"b", reply("b"), s.ticket("accounts", b"2")));
-        assert!(s.insert(b"c", reply("c"), s.ticket("orders", b"1")));
+        assert!(s.insert(b"a", reply("a"), s.ticket("accounts", b"1"), origin()));
+        assert!(s.insert(b"b", reply("b"), s.ticket("accounts", b"2"), origin()));
+        assert!(s.insert(b"c", reply("c"), s.ticket("orders", b"1"), origin()));
         s.invalidate_table("accounts");
         assert_eq!(s.get(b"a"), None);
         assert_eq!(s.get(b"b"), None);
@@ -321,13 +371,13 @@ mod tests {
         let s = store(1 << 20);
         let before = s.ticket("accounts", b"7");
         s.invalidate_key("accounts", b"7");
-        assert!(!s.insert(b"q", reply("old"), before));
+        assert!(!s.insert(b"q", reply("old"), before, origin()));
         assert_eq!(s.get(b"q"), None);
         assert_eq!(s.stats().fills_stale, 1);
         // A table-wide write counts as well.
         let before = s.ticket("accounts", b"7");
         s.invalidate_table("accounts");
-        assert!(!s.insert(b"q", reply("old"), before));
+        assert!(!s.insert(b"q", reply("old"), before, origin()));
     }
 
     #[test]
@@ -341,6 +391,7 @@ mod tests {
             Arc::new(Entry {
                 reply: reply("old"),
                 ticket: before,
+                origin: origin(),
             }),
         );
         s.invalidate_key("accounts", b"7");
@@ -351,7 +402,7 @@ mod tests {
     fn large_replies_are_not_stored() {
         let s = store(1 << 20);
         let big = Bytes::from(vec![b'x'; 5000]);
-        assert!(!s.insert(b"q", big, s.ticket("t", b"1")));
+        assert!(!s.insert(b"q", big, s.ticket("t", b"1"), origin()));
         assert_eq!(s.stats().fills_too_large, 1);
     }
 
@@ -366,6 +417,7 @@ mod tests {
                 identity.as_bytes(),
                 Bytes::from(vec![0; 1000]),
                 s.ticket("t", &key),
+                origin(),
             );
         }
         s.run_pending_tasks();
@@ -384,7 +436,7 @@ mod tests {
         let s = store(64 << 20);
         for i in 0..50_000u32 {
             let key = i.to_le_bytes();
-            assert!(s.insert(&key, reply("a"), s.ticket("t", &key)));
+            assert!(s.insert(&key, reply("a"), s.ticket("t", &key), origin()));
         }
         s.flush();
         assert_eq!(s.get(&7u32.to_le_bytes()), None);

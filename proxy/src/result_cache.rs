@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use cache::pgoutput::Value;
-use cache::store::{Settings, Stats, Store, Ticket};
+use cache::store::{Origin, Settings, Stats, Store, Ticket};
 use router::hash::KeyValue;
 use router::key_param::{decode_key, FORMAT_TEXT};
 use router::{Analysis, KeySource, ShardId, ShardMap, StatementKind};
@@ -104,6 +104,7 @@ pub struct PointRead {
 pub struct Fill {
     pub identity: Vec<u8>,
     pub ticket: Ticket,
+    pub origin: Origin,
     /// The reply so far.
     pub reply: Vec<u8>,
     /// Its CommandComplete arrived.

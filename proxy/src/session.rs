@@ -1209,7 +1209,7 @@ impl Session {
                 let fill = self.fill.take().expect("matched above");
                 cache
                     .store
-                    .insert(&fill.identity, fill.reply.into(), fill.ticket);
+                    .insert(&fill.identity, fill.reply.into(), fill.ticket, fill.origin);
             }
             _ => self.fill = None,
         }

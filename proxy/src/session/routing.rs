@@ -29,6 +29,7 @@ use crate::pending::{Entry, Expect, LocalReply};
 use crate::pool::Pool;
 use crate::result_cache::{params_hash, Fill, ResultCache};
 use crate::scatter::{self, Request, ShardConn, Sink};
+use cache::store::Origin;
 
 /// What to do with a statement.
 enum Decision {
@@ -763,6 +764,9 @@ impl Session {
         if !self.pending.is_empty() && self.server.is_some() {
             self.settle().await?;
         }
+        if self.cached_query_by_text(text, map) {
+            return Ok(());
+        }
         let Ok(sql) = std::str::from_utf8(text) else {
             // Not analysed: it may write anything.
             self.cache_writes.everything();
@@ -918,17 +922,7 @@ impl Session {
         let Some(cache) = &self.shared.cache else {
             return CacheStep::Bypass;
         };
-        // Session pooling keeps whatever state the client makes on its
-        // connection (temporary tables, set_config, settings made inside
-        // functions), which the cache key cannot hold: no cache there.
-        let quiet = self.mode == PoolMode::Transaction
-            && self.txn_status == TransactionStatus::Idle
-            && self.deferred_begin.is_none()
-            && self.pending.is_empty()
-            && self.retry.is_none()
-            && !self.skipping_to_sync
-            && !self.server_in_transaction();
-        if !quiet || !cache.serves(&point.table, shard, &self.shared.backends, map) {
+        if !self.cache_quiet() || !cache.serves(&point.table, shard, &self.shared.backends, map) {
             return CacheStep::Bypass;
         }
         let identity = ResultCache::identity(
@@ -946,10 +940,65 @@ impl Session {
         self.fill = Some(Fill {
             identity,
             ticket: cache.store.ticket(&point.table, &point.key),
+            origin: Origin {
+                table: point.table.as_str().into(),
+                shard: shard.0,
+            },
             reply: Vec::new(),
             complete: false,
         });
         CacheStep::Fill
+    }
+
+    /// Whether the session is where a cached reply may answer: between
+    /// transactions with nothing in flight, in transaction pooling. (Session
+    /// pooling keeps whatever state the client makes on its connection:
+    /// temporary tables, set_config, settings made inside functions, which
+    /// the cache key cannot hold; no cache there.)
+    fn cache_quiet(&self) -> bool {
+        self.mode == PoolMode::Transaction
+            && self.txn_status == TransactionStatus::Idle
+            && self.deferred_begin.is_none()
+            && self.pending.is_empty()
+            && self.retry.is_none()
+            && !self.skipping_to_sync
+            && !self.server_in_transaction()
+    }
+
+    /// A simple Query answered from the cache by its text alone, before any
+    /// analysis or routing: the text was a point read when it was filled
+    /// (the same text analyses the same way), and the entry knows its table
+    /// and shard for the serving check. Not with `SET shardline.shard`,
+    /// which could route the text elsewhere.
+    fn cached_query_by_text(&mut self, text: &[u8], map: &ShardMap) -> bool {
+        let Some(cache) = &self.shared.cache else {
+            return false;
+        };
+        if self.forced_shard.is_some() || !self.cache_quiet() {
+            return false;
+        }
+        let identity = ResultCache::identity(
+            b'Q',
+            &self.database,
+            &self.user.name,
+            params_hash(&self.params),
+            text,
+        );
+        let Some((reply, origin)) = cache.store.peek(&identity) else {
+            return false;
+        };
+        if !cache.serves(
+            &origin.table,
+            ShardId(origin.shard),
+            &self.shared.backends,
+            map,
+        ) {
+            return false;
+        }
+        cache.store.count_hit();
+        self.cout.extend_from_slice(&reply);
+        backend::encode_ready_for_query(&mut self.cout, TransactionStatus::Idle);
+        true
     }
 
     /// The extended-protocol form of [`Session::cached_query`]: a Bind of
