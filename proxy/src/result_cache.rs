@@ -295,6 +295,14 @@ impl ResultCache {
             into.all = true;
             return;
         }
+        // A write naming one of a cached table's partitions (`accounts_p003`)
+        // is no write to a sharded table for the analysis.
+        let lower = sql.to_ascii_lowercase();
+        for table in tables.iter() {
+            if lower.contains(&format!("{}_p", table.to_ascii_lowercase())) {
+                into.tables.insert(table.clone());
+            }
+        }
         for target in &analysis.targets {
             if !target.writes || !tables.contains(&target.table) {
                 continue;

@@ -612,6 +612,34 @@ async fn the_proxy_invalidates_its_own_writes_without_the_feed() {
         );
         raw.sync();
         raw.until_ready().await;
+        // A write naming a partition of the cached table.
+        let map = env.map();
+        let group = &map.groups[&map.tables["accounts"].group];
+        let p = router::hash::partition_of(&[Some(&key(63))], group.modulus());
+        let partition =
+            router::ddl::partition_name("accounts", router::PartitionIdx(p), group.modulus());
+        let shard = group.partitions[p as usize].owner;
+        assert_eq!(balance(&reader, 63).await, 63);
+        assert_eq!(balance(&reader, 63).await, 63);
+        writer
+            .batch_execute(&format!("SET shardline.shard = {}", shard.0))
+            .await
+            .expect("pin the shard");
+        writer
+            .batch_execute(&format!(
+                "UPDATE {partition} SET balance = -63 WHERE id = 63"
+            ))
+            .await
+            .expect("write to the partition");
+        writer
+            .batch_execute("RESET shardline.shard")
+            .await
+            .expect("reset");
+        assert_eq!(
+            balance(&reader, 63).await,
+            -63,
+            "a write naming the partition"
+        );
         // DDL with the extended protocol changes what the read returns.
         writer
             .execute("ALTER TABLE accounts ADD COLUMN extra int8 DEFAULT 7", &[])
