@@ -518,30 +518,49 @@ async fn prepared_point_reads_are_cached_in_binary_and_text() {
     );
 }
 
-/// Stops (`true`) or resumes every walsender of every shard: the change
-/// feeds then see nothing, so only the proxy's own invalidations count (for
-/// up to max_stream_lag).
-async fn feeds_paused(env: &ShardedEnv, pause: bool) {
-    for shard in 0..env.pg.len() {
-        let pids: Vec<i32> = env
-            .direct(shard)
-            .await
-            .query(
-                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'",
-                &[],
-            )
-            .await
-            .expect("walsenders")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for pid in pids {
-            let signal = if pause { "-STOP" } else { "-CONT" };
+/// Stops every walsender of every shard until dropped (also when the test
+/// fails): the change feeds then see nothing, so only the proxy's own
+/// invalidations count (for up to max_stream_lag).
+struct PausedFeeds(Vec<i32>);
+
+impl PausedFeeds {
+    async fn pause(env: &ShardedEnv) -> PausedFeeds {
+        let mut pids = Vec::new();
+        for shard in 0..env.pg.len() {
+            let rows = env
+                .direct(shard)
+                .await
+                .query(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'",
+                    &[],
+                )
+                .await
+                .expect("walsenders");
+            pids.extend(rows.iter().map(|r| r.get::<_, i32>(0)));
+        }
+        let paused = PausedFeeds(pids);
+        paused.signal("-STOP");
+        paused
+    }
+
+    fn signal(&self, signal: &str) {
+        for pid in &self.0 {
             let status = std::process::Command::new("kill")
                 .args([signal, &pid.to_string()])
                 .status()
                 .expect("kill runs");
             assert!(status.success(), "kill {signal} {pid}");
+        }
+    }
+}
+
+impl Drop for PausedFeeds {
+    fn drop(&mut self) {
+        // A stopped walsender would keep its server from shutting down.
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
         }
     }
 }
@@ -587,8 +606,8 @@ async fn the_proxy_invalidates_its_own_writes_without_the_feed() {
     wait_hit(&env.addr, &reader, 61).await;
     assert_eq!(row_width(&reader, 62).await, 2);
     assert_eq!(row_width(&reader, 62).await, 2);
-    feeds_paused(&env, true).await;
-    let outcome = async {
+    let paused = PausedFeeds::pause(&env).await;
+    {
         // An INSERT split over both shards, with the extended protocol.
         writer
             .execute(
@@ -647,9 +666,7 @@ async fn the_proxy_invalidates_its_own_writes_without_the_feed() {
             .expect("extended DDL");
         assert_eq!(row_width(&reader, 62).await, 3, "a column added");
     }
-    .await;
-    feeds_paused(&env, false).await;
-    outcome
+    drop(paused);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
