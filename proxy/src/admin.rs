@@ -285,9 +285,7 @@ fn show_shards(shared: &Shared, out: &mut BytesMut) {
             } else {
                 role
             };
-            let lsn = s
-                .sampled_at
-                .map(|_| format!("{:X}/{:X}", s.lsn >> 32, s.lsn & 0xFFFF_FFFF));
+            let lsn = s.sampled_at.map(|_| cache::pgoutput::format_lsn(s.lsn));
             let values = [
                 Some(shard.id.to_string()),
                 Some(node.addr.clone()),

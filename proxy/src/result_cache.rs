@@ -45,6 +45,8 @@ pub struct ResultCache {
     /// Enabled tables (map names), and a version bumped on every change.
     tables: RwLock<BTreeSet<String>>,
     tables_version: AtomicU64,
+    /// Some table is enabled: sessions look nothing up otherwise.
+    caching: AtomicBool,
     /// Change feeds by the address of the shard primary they follow.
     feeds: Mutex<HashMap<String, Arc<Feed>>>,
     follower: Arc<MapFollower>,
@@ -127,6 +129,7 @@ impl ResultCache {
             store,
             tables: RwLock::new(config.tables.iter().cloned().collect()),
             tables_version: AtomicU64::new(0),
+            caching: AtomicBool::new(!config.tables.is_empty()),
             config,
             feeds: Mutex::default(),
             follower,
@@ -149,21 +152,25 @@ impl ResultCache {
 
     /// Caches `table`'s point reads from now on (once the feeds publish it).
     pub fn enable(&self, table: &str) {
-        if self
-            .tables
-            .write()
-            .expect("lock poisoned")
-            .insert(table.to_owned())
-        {
+        let mut tables = self.tables.write().expect("lock poisoned");
+        if tables.insert(table.to_owned()) {
+            self.caching.store(true, Ordering::Release);
             self.tables_version.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     pub fn disable(&self, table: &str) {
-        if self.tables.write().expect("lock poisoned").remove(table) {
+        let mut tables = self.tables.write().expect("lock poisoned");
+        if tables.remove(table) {
+            self.caching.store(!tables.is_empty(), Ordering::Release);
             self.store.invalidate_table(table);
             self.tables_version.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// Whether any table is cached (a load, for the per-statement path).
+    pub fn is_caching(&self) -> bool {
+        self.caching.load(Ordering::Acquire)
     }
 
     fn enabled(&self, table: &str) -> bool {
@@ -429,7 +436,7 @@ fn writes_unknown(analysis: &Analysis, sql: &str) -> bool {
     if matches!(analysis.replica, router::ReplicaSafety::IfReadOnly(_)) {
         return true;
     }
-    if sql.trim().trim_end_matches(';').contains(';') {
+    if several_statements(sql) {
         return true;
     }
     if analysis.kind != StatementKind::Other {
@@ -444,6 +451,12 @@ fn writes_unknown(analysis: &Analysis, sql: &str) -> bool {
         first.as_str(),
         "SET" | "RESET" | "SHOW" | "DISCARD" | "DEALLOCATE" | "LISTEN" | "UNLISTEN" | "PREPARE"
     )
+}
+
+/// Whether `sql` may hold more than one statement (a `;` before its end;
+/// also inside a literal, which only makes callers more careful).
+pub fn several_statements(sql: &str) -> bool {
+    sql.trim().trim_end_matches(';').contains(';')
 }
 
 fn resolve_key(

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::params;
 use crate::pending::{Effects, Entry, Expect, LocalReply, Pending};
 use crate::pool::{Pool, Pooled};
-use crate::result_cache::{Fill, Invalidations, PointRead};
+use crate::result_cache::{Fill, Invalidations, PointRead, ResultCache};
 use crate::server::{statement_name, ParamState};
 use crate::shared::Shared;
 use router::{SessionEffect, ShardId};
@@ -90,6 +90,34 @@ fn try_write(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Adds a reply frame to the cache fill in progress, if any; stores the
+/// reply at its ReadyForQuery. Anything but a plain result (an error, a
+/// notice, ...) abandons the fill.
+fn fill_with(fill: &mut Option<Fill>, cache: Option<&ResultCache>, tag: u8, frame: &[u8]) {
+    let (Some(f), Some(cache)) = (fill.as_mut(), cache) else {
+        return;
+    };
+    match tag {
+        backend::BIND_COMPLETE
+        | backend::ROW_DESCRIPTION
+        | backend::NO_DATA
+        | backend::DATA_ROW
+        | backend::COMMAND_COMPLETE
+            if !f.complete && f.reply.len() + frame.len() <= cache.config().entry_bytes_max =>
+        {
+            f.reply.extend_from_slice(frame);
+            f.complete = tag == backend::COMMAND_COMPLETE;
+        }
+        backend::READY_FOR_QUERY if f.complete => {
+            let f = fill.take().expect("matched above");
+            cache
+                .store
+                .insert(&f.identity, f.reply.into(), f.ticket, f.origin);
+        }
+        _ => *fill = None,
     }
 }
 
@@ -378,12 +406,9 @@ impl Session {
     fn write_ready(&mut self) -> Result<()> {
         if let Some(conn) = self.server.as_deref_mut() {
             if !self.sout.is_empty() {
-                match try_write(&conn.stream, &mut self.sout) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        conn.broken = true;
-                        return Err(Error::ServerIo(e));
-                    }
+                if let Err(e) = try_write(&conn.stream, &mut self.sout) {
+                    conn.broken = true;
+                    return Err(Error::ServerIo(e));
                 }
             }
         }
@@ -1087,12 +1112,10 @@ impl Session {
             {
                 // Committed now, whether or not a ReadyForQuery follows soon
                 // (an Execute of COMMIT then Flush; `COMMIT; SELECT ...`).
-                self.apply_cache_writes();
+                if let Some(cache) = &self.shared.cache {
+                    cache.apply(&mut self.cache_writes);
+                }
             }
-            let conn = self
-                .server
-                .as_deref_mut()
-                .expect("checked at the top of the loop");
             if tag == backend::COMMAND_COMPLETE
                 && (self.pending.head_has_effects() || !self.txn_effects.is_empty())
             {
@@ -1110,13 +1133,14 @@ impl Session {
                     "unexpected message 0x{tag:02x} from the server"
                 )));
             }
-            if d.forward && self.fill.is_some() {
-                self.fill_with(tag, frame_len);
+            if d.forward {
+                fill_with(
+                    &mut self.fill,
+                    self.shared.cache.as_deref(),
+                    tag,
+                    &conn.buf[..frame_len],
+                );
             }
-            let conn = self
-                .server
-                .as_deref_mut()
-                .expect("checked at the top of the loop");
             let mut hold = false;
             if d.forward && self.retry.is_some() {
                 if tag == backend::ERROR_RESPONSE
@@ -1180,38 +1204,6 @@ impl Session {
             if let Some(status) = status {
                 self.on_ready(status);
             }
-        }
-    }
-
-    /// Adds a reply frame (at the head of the server buffer) to the cache
-    /// fill in progress; stores the reply at its ReadyForQuery. Anything but
-    /// a plain result (an error, a notice, ...) abandons the fill.
-    fn fill_with(&mut self, tag: u8, frame_len: usize) {
-        let (Some(fill), Some(conn), Some(cache)) =
-            (&mut self.fill, self.server.as_deref(), &self.shared.cache)
-        else {
-            return;
-        };
-        let frame = &conn.buf[..frame_len];
-        match tag {
-            backend::BIND_COMPLETE
-            | backend::ROW_DESCRIPTION
-            | backend::NO_DATA
-            | backend::DATA_ROW
-            | backend::COMMAND_COMPLETE
-                if !fill.complete
-                    && fill.reply.len() + frame.len() <= cache.config().entry_bytes_max =>
-            {
-                fill.reply.extend_from_slice(frame);
-                fill.complete = tag == backend::COMMAND_COMPLETE;
-            }
-            backend::READY_FOR_QUERY if fill.complete => {
-                let fill = self.fill.take().expect("matched above");
-                cache
-                    .store
-                    .insert(&fill.identity, fill.reply.into(), fill.ticket, fill.origin);
-            }
-            _ => self.fill = None,
         }
     }
 

@@ -9,6 +9,7 @@
 //! shards run through [`crate::scatter`] outside transactions, or are
 //! refused with SQLSTATE 0A000 and the reason.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
@@ -27,7 +28,7 @@ use crate::config::{PoolMode, ReadFrom};
 use crate::error::{Error, Result};
 use crate::pending::{Entry, Expect, LocalReply};
 use crate::pool::Pool;
-use crate::result_cache::{params_hash, Fill, ResultCache};
+use crate::result_cache::{params_hash, several_statements, Fill, ResultCache};
 use crate::scatter::{self, Request, ShardConn, Sink};
 use cache::store::Origin;
 
@@ -612,11 +613,10 @@ impl Session {
         let read = self.read_policy(safe, hint.as_ref());
         // Transaction control alone writes nothing; what ran inside did. (A
         // `;` inside the text may separate a write: not alone then.)
-        let control_alone = analysis.kind == StatementKind::Transaction
-            && !sql.trim().trim_end_matches(';').contains(';');
+        let control_alone = analysis.kind == StatementKind::Transaction && !several_statements(sql);
         self.statement_writes = !control_alone && !safe;
         self.point_read = None;
-        if let Some(cache) = &self.shared.cache {
+        if let Some(cache) = self.shared.cache.as_ref().filter(|c| c.is_caching()) {
             if self.statement_writes {
                 cache.note_write(&analysis, sql, map, params, &mut self.cache_writes);
             } else if self.txn_status == TransactionStatus::Idle {
@@ -764,9 +764,10 @@ impl Session {
         if !self.pending.is_empty() && self.server.is_some() {
             self.settle().await?;
         }
-        if self.cached_query_by_text(text, map) {
-            return Ok(());
-        }
+        let identity = match self.cached_query_by_text(text, map) {
+            ControlFlow::Break(()) => return Ok(()),
+            ControlFlow::Continue(identity) => identity,
+        };
         let Ok(sql) = std::str::from_utf8(text) else {
             // Not analysed: it may write anything.
             self.cache_writes.everything();
@@ -810,7 +811,7 @@ impl Session {
         }
         let (shards, job) = match self.decide(sql, map, router::Params::default()) {
             Decision::Run(shard, read) => {
-                let read = match self.cached_query(text, shard, map) {
+                let read = match self.cached(b'Q', text, identity, shard, map) {
                     CacheStep::Hit => return Ok(()),
                     CacheStep::Fill => None,
                     CacheStep::Bypass => read,
@@ -905,17 +906,20 @@ impl Session {
         Ok(())
     }
 
-    /// A simple Query that ran on several shards: ReadyForQuery, or the error.
     /// Answers a point read from the cache, or prepares to fill the cache
     /// with its reply (from the primary: a replica may not have the latest
-    /// write yet).
-    fn cached_query(&mut self, text: &[u8], shard: ShardId, map: &ShardMap) -> CacheStep {
-        self.cached(b'Q', text, shard, map)
-    }
-
-    /// Looks the request `text` of protocol `kind` (`Q` or `E`) up, or arms
-    /// a fill; the reply is answered locally, with ReadyForQuery, on a hit.
-    fn cached(&mut self, kind: u8, text: &[u8], shard: ShardId, map: &ShardMap) -> CacheStep {
+    /// write yet). `text` is the request of protocol `kind` (`Q` or `E`,
+    /// see [`ResultCache::identity`]); a hit is answered locally, with
+    /// ReadyForQuery.
+    /// `identity` is the request's cache key when the caller has it already.
+    fn cached(
+        &mut self,
+        kind: u8,
+        text: &[u8],
+        identity: Option<Vec<u8>>,
+        shard: ShardId,
+        map: &ShardMap,
+    ) -> CacheStep {
         let Some(point) = self.point_read.take() else {
             return CacheStep::Bypass;
         };
@@ -925,13 +929,7 @@ impl Session {
         if !self.cache_quiet() || !cache.serves(&point.table, shard, &self.shared.backends, map) {
             return CacheStep::Bypass;
         }
-        let identity = ResultCache::identity(
-            kind,
-            &self.database,
-            &self.user.name,
-            params_hash(&self.params),
-            text,
-        );
+        let identity = identity.unwrap_or_else(|| self.cache_identity(kind, text));
         if let Some(reply) = cache.store.get(&identity) {
             self.cout.extend_from_slice(&reply);
             backend::encode_ready_for_query(&mut self.cout, TransactionStatus::Idle);
@@ -948,6 +946,17 @@ impl Session {
             complete: false,
         });
         CacheStep::Fill
+    }
+
+    /// The cache key of request `text` of protocol `kind` in this session.
+    fn cache_identity(&self, kind: u8, text: &[u8]) -> Vec<u8> {
+        ResultCache::identity(
+            kind,
+            &self.database,
+            &self.user.name,
+            params_hash(&self.params),
+            text,
+        )
     }
 
     /// Whether the session is where a cached reply may answer: between
@@ -969,23 +978,22 @@ impl Session {
     /// analysis or routing: the text was a point read when it was filled
     /// (the same text analyses the same way), and the entry knows its table
     /// and shard for the serving check. Not with `SET shardline.shard`,
-    /// which could route the text elsewhere.
-    fn cached_query_by_text(&mut self, text: &[u8], map: &ShardMap) -> bool {
+    /// which could route the text elsewhere. Not answered: the key, if it
+    /// was computed, for the full path to reuse.
+    fn cached_query_by_text(
+        &mut self,
+        text: &[u8],
+        map: &ShardMap,
+    ) -> ControlFlow<(), Option<Vec<u8>>> {
         let Some(cache) = &self.shared.cache else {
-            return false;
+            return ControlFlow::Continue(None);
         };
-        if self.forced_shard.is_some() || !self.cache_quiet() {
-            return false;
+        if !cache.is_caching() || self.forced_shard.is_some() || !self.cache_quiet() {
+            return ControlFlow::Continue(None);
         }
-        let identity = ResultCache::identity(
-            b'Q',
-            &self.database,
-            &self.user.name,
-            params_hash(&self.params),
-            text,
-        );
+        let identity = self.cache_identity(b'Q', text);
         let Some((reply, origin)) = cache.store.peek(&identity) else {
-            return false;
+            return ControlFlow::Continue(Some(identity));
         };
         if !cache.serves(
             &origin.table,
@@ -993,15 +1001,15 @@ impl Session {
             &self.shared.backends,
             map,
         ) {
-            return false;
+            return ControlFlow::Continue(Some(identity));
         }
         cache.store.count_hit();
         self.cout.extend_from_slice(&reply);
         backend::encode_ready_for_query(&mut self.cout, TransactionStatus::Idle);
-        true
+        ControlFlow::Break(())
     }
 
-    /// The extended-protocol form of [`Session::cached_query`]: a Bind of
+    /// The extended-protocol form of [`Session::cached`]: a Bind of
     /// the unnamed portal followed, already in the client's buffer, by an
     /// optional Describe of that portal, an Execute of all its rows and a
     /// Sync. A hit answers the four messages and consumes the other three.
@@ -1025,7 +1033,7 @@ impl Session {
         text.extend_from_slice(&(definition.len() as u32).to_le_bytes());
         text.extend_from_slice(definition);
         text.extend_from_slice(bind.rest);
-        let step = self.cached(b'E', &text, shard, map);
+        let step = self.cached(b'E', &text, None, shard, map);
         if matches!(step, CacheStep::Hit) {
             self.cbuf.advance(batch_len);
         }
@@ -1039,6 +1047,7 @@ impl Session {
             .is_some_and(|hold| hold.node().in_recovery() == Some(false))
     }
 
+    /// A simple Query that ran on several shards: ReadyForQuery, or the error.
     fn after_multi(&mut self, result: Result<bool>) -> Result<()> {
         self.apply_cache_writes();
         match result {
