@@ -37,7 +37,7 @@ fn parsing(c: &mut Criterion) {
 
 /// accounts(id int8) over 4 shards, 64 partitions.
 fn shard_map() -> router::ShardMap {
-    use router::{placement, Group, KeyType, Partition, PartitionState, Shard, ShardId, Table};
+    use router::{placement, KeyType, Shard, ShardId, Table};
     let shards: Vec<ShardId> = (0..4).map(ShardId).collect();
     let mut map = router::ShardMap::default();
     for &id in &shards {

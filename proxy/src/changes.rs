@@ -19,17 +19,19 @@
 //! than the root itself. pgoutput drops it (PostgreSQL 15, `pgoutput_truncate`)
 //! and the transaction then looks empty.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, BytesMut};
 use cache::pgoutput::{self, LogicalMessage, ReplicationMessage, StandbyStatusUpdate};
 pub use cache::pgoutput::{Relation, Tuple, Value};
+use router::KeyType;
 use tokio::io::AsyncWriteExt;
 use tokio::time::MissedTickBehavior;
 use wire::backend;
 
+use crate::config::CacheKey;
 use crate::error::{Error, Result};
 use crate::server::{read_frame, ServerConn, ServerTarget};
 
@@ -160,6 +162,19 @@ pub async fn ensure_publication(
     target: &ServerTarget,
     tables: &[String],
 ) -> Result<PublicationState> {
+    ensure_publication_keyed(target, tables, &BTreeMap::new()).await
+}
+
+/// [`ensure_publication`], where the tables named in `keys` are cached by
+/// that column, so it must have the configured type and be in the replica
+/// identity of every partition (or the identity be FULL): otherwise the WAL
+/// would not show the old value when an UPDATE changes it. A table where it
+/// is not is left out, and reported.
+pub async fn ensure_publication_keyed(
+    target: &ServerTarget,
+    tables: &[String],
+    keys: &BTreeMap<String, CacheKey>,
+) -> Result<PublicationState> {
     let max = target.message_bytes_max;
     let mut conn = ServerConn::connect(target, 0).await?;
     let mut left_out = Vec::new();
@@ -235,7 +250,7 @@ pub async fn ensure_publication(
     }
     let mut published = Vec::new();
     for (table, oid) in found {
-        let rows = run(&mut conn, &table_check_sql(oid), max).await?;
+        let rows = run(&mut conn, &table_check_sql(oid, keys.get(table)), max).await?;
         let Some(row) = rows.first() else {
             left_out.push(LeftOut {
                 table: table.clone(),
@@ -291,9 +306,23 @@ pub async fn ensure_publication(
 /// Changes are checked where PostgreSQL checks them: on the table, or on each
 /// partition of a partitioned one (`pg_partition_tree` has no row for a table
 /// outside any partition tree, hence the UNION).
-fn table_check_sql(oid: u32) -> String {
+fn table_check_sql(oid: u32, key: Option<&CacheKey>) -> String {
     const FAILS: &str = "once published, every UPDATE and DELETE on it would fail";
     let publication = quote_literal(PUBLICATION);
+    let (column, type_name, type_oids) = match key {
+        Some(k) => (
+            quote_literal(&k.column),
+            quote_literal(k.key_type.as_str()),
+            match k.key_type {
+                KeyType::Int2 => "21",
+                KeyType::Int4 => "23",
+                KeyType::Int8 => "20",
+                KeyType::Text => "25, 1043",
+                KeyType::Uuid => "2950",
+            },
+        ),
+        None => ("NULL::text".into(), "NULL::text".into(), "0"),
+    };
     format!(
         "SELECT c.oid::regclass::text,
             EXISTS (SELECT FROM pg_publication p WHERE p.pubname = {publication} AND p.puballtables)
@@ -320,6 +349,21 @@ fn table_check_sql(oid: u32) -> String {
                         SELECT FROM pg_index i WHERE i.indrelid = t.oid
                           AND i.indisreplident AND i.indisvalid AND i.indimmediate)
                       THEN 'has no usable replica identity index: {FAILS}'
+                    WHEN {column} IS NOT NULL AND NOT EXISTS (
+                        SELECT FROM pg_attribute a WHERE a.attrelid = t.oid
+                          AND a.attname = {column} AND NOT a.attisdropped
+                          AND a.atttypid IN ({type_oids}))
+                      THEN format('has no column %I of type %s (the configured cache key)',
+                                  {column}, {type_name})
+                    WHEN {column} IS NOT NULL AND t.relreplident <> 'f' AND NOT EXISTS (
+                        SELECT FROM pg_index i
+                          JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = ANY (i.indkey)
+                        WHERE i.indrelid = t.oid AND a.attname = {column}
+                          AND CASE t.relreplident WHEN 'd' THEN i.indisprimary
+                                                  ELSE i.indisreplident END)
+                      THEN format('does not have its cache key %I in its replica identity, so the '
+                                  || 'WAL would not show its old value when it changes (make it '
+                                  || 'the primary key, or set REPLICA IDENTITY FULL)', {column})
                   END AS problem
                   FROM (SELECT c.oid AS relid UNION SELECT relid FROM pg_partition_tree(c.oid)) tree
                     JOIN pg_class t ON t.oid = tree.relid

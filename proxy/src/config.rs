@@ -4,12 +4,13 @@
 //! Durations are strings such as `"250ms"` or `"5s"`. Every pool, queue and
 //! message size has a maximum with a default here.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use router::KeyType;
 use serde::Deserialize;
 
 use crate::auth::{ScramVerifier, StoredSecret};
@@ -32,13 +33,18 @@ pub struct Config {
     pub cache: CacheConfig,
 }
 
-/// The result cache for point reads of sharded tables.
+/// The result cache for point reads of sharded tables, and of unsharded
+/// tables by a unique column named here.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Sharded tables whose point reads (`WHERE key = ...`) are cached; more
     /// can be enabled at run time from the admin console (`CACHE ENABLE t`).
     pub tables: Vec<String>,
+    /// Unsharded tables (on the home shard) cached by a unique column:
+    /// `settings = { column = "id", type = "int8" }`. Listed tables are
+    /// cached from the start; `CACHE DISABLE` and `ENABLE` apply to them too.
+    pub keys: BTreeMap<String, CacheKey>,
     /// Total bytes of cached replies (with their keys and bookkeeping).
     pub max_bytes: u64,
     /// Replies larger than this are not cached.
@@ -58,10 +64,28 @@ pub struct CacheConfig {
     pub status_interval: Duration,
 }
 
+/// The unique column by which an unsharded table's point reads are cached.
+/// It must be in the table's replica identity (its primary key, say), or the
+/// WAL would not show a changed row's old value.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheKey {
+    pub column: String,
+    /// The column's type, as a shard key's: int2, int4, int8, text or uuid.
+    #[serde(rename = "type", deserialize_with = "key_type")]
+    pub key_type: KeyType,
+}
+
+fn key_type<'de, D: serde::Deserializer<'de>>(d: D) -> Result<KeyType, D::Error> {
+    let name = String::deserialize(d)?;
+    name.parse().map_err(serde::de::Error::custom)
+}
+
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             tables: Vec::new(),
+            keys: BTreeMap::new(),
             max_bytes: 64 << 20,
             entry_bytes_max: 64 << 10,
             ttl: Duration::from_secs(60),
@@ -476,6 +500,23 @@ mod tests {
         assert_eq!(c.proxy.listen.port(), 6432);
         assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
         assert_eq!(c.databases[0].port, 5433);
+    }
+
+    #[test]
+    fn cache_keys_name_a_column_and_a_key_type() {
+        let c = Config::parse(
+            "[cache.keys]\nplans = { column = \"code\", type = \"varchar\" }\n\
+             ids = { column = \"id\", type = \"bigint\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.cache.keys["plans"].column, "code");
+        assert_eq!(c.cache.keys["plans"].key_type, KeyType::Text);
+        assert_eq!(c.cache.keys["ids"].key_type, KeyType::Int8);
+        let e = Config::parse("[cache.keys]\nplans = { column = \"code\", type = \"float8\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unsupported shard key type \"float8\""), "{e}");
+        assert!(Config::parse("[cache.keys]\nplans = { column = \"code\" }\n").is_err());
     }
 
     #[test]

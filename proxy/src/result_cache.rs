@@ -8,6 +8,12 @@
 //! through a change feed per shard primary: logical decoding of its WAL
 //! ([`crate::changes`]), each changed key invalidated at its commit.
 //!
+//! Unsharded tables (on the home shard) are cached by a unique column the
+//! configuration names (`[cache.keys]`): statements are analysed a second
+//! time against a map that treats those tables as keyed by that column
+//! ([`ResultCache::keyed_map`]), which gives their point reads and the keys
+//! their writes touch the same way as a shard key's.
+//!
 //! The cache serves a shard only while that feed is connected, has caught
 //! up with the table's publication, and has applied every commit older than
 //! `max_stream_lag` (measured against the primary's WAL positions sampled by
@@ -24,7 +30,7 @@ use cache::pgoutput::Value;
 use cache::store::{Origin, Settings, Stats, Store, Ticket};
 use router::hash::KeyValue;
 use router::key_param::{decode_key, FORMAT_TEXT};
-use router::{Analysis, KeySource, ShardId, ShardMap, StatementKind};
+use router::{Analysis, AnalysisCache, KeySource, ShardId, ShardMap, StatementKind, Table};
 use twox_hash::XxHash3_64;
 
 use crate::backends::Backends;
@@ -52,7 +58,18 @@ pub struct ResultCache {
     follower: Arc<MapFollower>,
     /// How feeds log in (the address is set per server).
     target: Option<ServerTarget>,
+    /// The map with the `[cache.keys]` tables added as keyed tables, for the
+    /// current epoch; `None` until first needed.
+    keyed: Mutex<Option<Arc<ShardMap>>>,
+    /// Analyses against the keyed map.
+    keyed_analyses: AnalysisCache,
+    /// The `[cache.keys]` tables the last map seen by
+    /// [`ResultCache::ensure_feeds`] shards.
+    keyed_sharded: Mutex<BTreeSet<String>>,
 }
+
+/// Texts whose analysis against the keyed map is kept.
+const KEYED_ANALYSES_MAX: usize = 4096;
 
 /// One shard primary's change feed, as sessions see it.
 pub struct Feed {
@@ -125,15 +142,24 @@ impl ResultCache {
             ttl: config.ttl,
             tti: config.tti,
         });
+        let tables: BTreeSet<String> = config
+            .tables
+            .iter()
+            .chain(config.keys.keys())
+            .cloned()
+            .collect();
         ResultCache {
             store,
-            tables: RwLock::new(config.tables.iter().cloned().collect()),
+            caching: AtomicBool::new(!tables.is_empty()),
+            tables: RwLock::new(tables),
             tables_version: AtomicU64::new(0),
-            caching: AtomicBool::new(!config.tables.is_empty()),
             config,
             feeds: Mutex::default(),
             follower,
             target,
+            keyed: Mutex::default(),
+            keyed_analyses: AnalysisCache::new(KEYED_ANALYSES_MAX),
+            keyed_sharded: Mutex::default(),
         }
     }
 
@@ -194,7 +220,21 @@ impl ResultCache {
     }
 
     /// Starts a change feed for every shard primary of `map` that has none.
+    /// Also drops the entries of a `[cache.keys]` table that `map` shards
+    /// and the last one did not, or the other way round: they were keyed by
+    /// the other column, which writes no longer invalidate.
     pub fn ensure_feeds(self: &Arc<Self>, map: &ShardMap) {
+        if !self.config.keys.is_empty() {
+            let sharded: BTreeSet<String> = (self.config.keys.keys())
+                .filter(|t| map.tables.contains_key(*t))
+                .cloned()
+                .collect();
+            let mut last = self.keyed_sharded.lock().expect("lock poisoned");
+            for table in last.symmetric_difference(&sharded) {
+                self.store.invalidate_table(table);
+            }
+            *last = sharded;
+        }
         if self.tables.read().expect("lock poisoned").is_empty() {
             return;
         }
@@ -230,17 +270,74 @@ impl ResultCache {
         }
     }
 
-    /// The point read `analysis` describes, if its table is cached and its
-    /// key is known (from the text or from `params`).
+    /// `map` with the `[cache.keys]` tables it does not shard added as
+    /// tables keyed by their configured column; `None` without such tables.
+    /// Only for analysis and for the WAL's changes, never for routing.
+    pub fn keyed_map(&self, map: &ShardMap) -> Option<Arc<ShardMap>> {
+        if self.config.keys.is_empty() {
+            return None;
+        }
+        let mut keyed = self.keyed.lock().expect("lock poisoned");
+        if let Some(k) = keyed.as_ref().filter(|k| k.epoch == map.epoch) {
+            return Some(k.clone());
+        }
+        let mut m = map.clone();
+        for (name, key) in &self.config.keys {
+            m.tables.entry(name.clone()).or_insert_with(|| Table {
+                name: name.clone(),
+                key: key.column.clone(),
+                key_type: key.key_type,
+                group: String::new(),
+            });
+        }
+        let m = Arc::new(m);
+        *keyed = Some(m.clone());
+        Some(m)
+    }
+
+    /// Whether tables are cached by a `[cache.keys]` column (statements must
+    /// then be routed, to be looked at, even by a map that shards nothing).
+    pub fn has_keys(&self) -> bool {
+        !self.config.keys.is_empty()
+    }
+
+    /// Whether `table` is one of `[cache.keys]` that `map` does not shard.
+    fn keyed_unsharded(&self, table: &str, map: &ShardMap) -> bool {
+        self.config.keys.contains_key(table) && !map.tables.contains_key(table)
+    }
+
+    /// The point read `analysis` of `sql` describes, if its table is cached
+    /// and its key is known (from the text or from `params`): by the shard
+    /// key, or for a statement on no sharded table, by a `[cache.keys]`
+    /// column.
     pub fn point_read(
+        &self,
+        analysis: &Analysis,
+        sql: &str,
+        map: &ShardMap,
+        params: router::Params<'_>,
+    ) -> Option<PointRead> {
+        if analysis.point_read {
+            return self.point_of(analysis, map, params);
+        }
+        if !analysis.targets.is_empty() || analysis.kind != StatementKind::Select {
+            return None;
+        }
+        let keyed = self.keyed_map(map)?;
+        let analysis = self.keyed_analyses.get_or_analyse(sql, &keyed);
+        let table = &analysis.targets.first()?.table;
+        if !analysis.point_read || !self.keyed_unsharded(table, map) {
+            return None;
+        }
+        self.point_of(&analysis, &keyed, params)
+    }
+
+    fn point_of(
         &self,
         analysis: &Analysis,
         map: &ShardMap,
         params: router::Params<'_>,
     ) -> Option<PointRead> {
-        if !analysis.point_read {
-            return None;
-        }
         let target = analysis.targets.first()?;
         if !self.enabled(&target.table) {
             return None;
@@ -310,7 +407,34 @@ impl ResultCache {
                 into.tables.insert(table.clone());
             }
         }
-        for target in &analysis.targets {
+        Self::note_targets(&analysis.targets, &tables, map, params, into);
+        let Some(keyed) = self.keyed_map(map) else {
+            return;
+        };
+        let analysis = self.keyed_analyses.get_or_analyse(sql, &keyed);
+        let tables: BTreeSet<String> = tables
+            .iter()
+            .filter(|t| self.keyed_unsharded(t, map))
+            .cloned()
+            .collect();
+        if analysis.refusal.is_some() {
+            // A key that does not convert, or a text not analysed: what it
+            // touches is not known.
+            into.tables.extend(tables);
+            return;
+        }
+        Self::note_targets(&analysis.targets, &tables, &keyed, params, into);
+    }
+
+    /// Notes the keys (or whole tables) that `targets` write in `tables`.
+    fn note_targets(
+        targets: &[router::TableTarget],
+        tables: &BTreeSet<String>,
+        map: &ShardMap,
+        params: router::Params<'_>,
+        into: &mut Invalidations,
+    ) {
+        for target in targets {
             if !target.writes || !tables.contains(&target.table) {
                 continue;
             }
@@ -582,6 +706,7 @@ async fn follow_once(
             }
             FeedEvent::Commit { end_lsn, changes } => {
                 let map = cache.follower.map();
+                let map = cache.keyed_map(&map).unwrap_or(map);
                 for change in changes {
                     cache.apply_change(change, &map);
                 }
@@ -633,9 +758,14 @@ async fn publish(
     let Some(c) = cache.upgrade() else {
         return Ok(());
     };
-    let tables = c.tables();
+    // A `[cache.keys]` table lives on the home shard only.
+    let map = c.follower.map();
+    let home = map.shards.get(&ShardMap::HOME).map(|s| s.primary.as_str());
+    let mut tables = c.tables();
+    tables.retain(|t| !c.keyed_unsharded(t, &map) || home == Some(feed.addr.as_str()));
+    let keys = c.config.keys.clone();
     drop(c);
-    let state = changes::ensure_publication(target, &tables).await?;
+    let state = changes::ensure_publication_keyed(target, &tables, &keys).await?;
     let mut published = feed.published.write().expect("lock poisoned");
     for table in &state.published {
         published.entry(table.clone()).or_insert(state.lsn);

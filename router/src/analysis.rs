@@ -2205,6 +2205,7 @@ mod point_read_tests {
     #[test]
     fn a_select_by_one_key_is_a_point_read() {
         assert!(point_read("SELECT * FROM accounts WHERE id = 1"));
+        assert!(point_read("SELECT price FROM users WHERE name = 'gold'"));
         assert!(point_read("SELECT balance FROM accounts WHERE id = $1"));
         assert!(point_read(
             "SELECT id, balance FROM accounts WHERE id = 7 AND balance > 0 ORDER BY id LIMIT 1"

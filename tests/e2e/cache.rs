@@ -135,13 +135,17 @@ async fn balance(client: &Client, id: i64) -> i64 {
 /// How many times `shard` ran the point read of accounts, from
 /// pg_stat_statements (updated as each statement ends).
 async fn server_reads(env: &ShardedEnv, shard: usize) -> i64 {
+    statement_calls(env, shard, "SELECT balance FROM accounts WHERE id = $1").await
+}
+
+/// How many times `shard` ran statements normalized to `query`.
+async fn statement_calls(env: &ShardedEnv, shard: usize, query: &str) -> i64 {
     let row = env
         .direct(shard)
         .await
         .query_one(
-            "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements \
-             WHERE query = 'SELECT balance FROM accounts WHERE id = $1'",
-            &[],
+            "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements WHERE query = $1",
+            &[&query],
         )
         .await
         .expect("statement counts");
@@ -741,4 +745,127 @@ async fn the_cache_stays_under_max_bytes() {
     assert!(fills > 1000, "too few fills ({fills}) to test the bound");
     assert!(bytes <= MAX, "{bytes} bytes cached, max {MAX}");
     assert!(evictions > 0);
+}
+
+const KEYED_SECTIONS: &str = r#"
+[cache]
+max_stream_lag = "5s"
+
+[cache.keys]
+plans = { column = "code", type = "text" }
+notes = { column = "label", type = "text" }
+
+[[users]]
+name = "ops"
+auth = "trust"
+admin = true
+"#;
+
+/// The price of plan `code` (an unsharded table), if there is one.
+async fn price(client: &Client, code: &str) -> Option<i64> {
+    let messages = client
+        .simple_query(&format!("SELECT price FROM plans WHERE code = '{code}'"))
+        .await
+        .expect("point read of plans");
+    messages.into_iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => Some(row.get(0)?.parse().expect("a number")),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsharded_table_is_cached_by_its_configured_key() {
+    let options = Options {
+        pool_size: 10,
+        ..Options::default()
+    };
+    let env = ShardedEnv::with_sections(2, options, KEYED_SECTIONS).await;
+    let client = env.client().await;
+    // Unsharded: both live on the home shard. `notes` is keyed by a column
+    // outside its replica identity, which the WAL would not show changing.
+    client
+        .batch_execute(
+            "CREATE TABLE plans (code text PRIMARY KEY, price int8 NOT NULL);
+             INSERT INTO plans VALUES ('gold', 10), ('basic', 1);
+             CREATE TABLE notes (id int8 PRIMARY KEY, label text UNIQUE);
+             CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+        )
+        .await
+        .expect("unsharded tables");
+    let published = eventually(Duration::from_secs(20), || async {
+        let feeds = cache_stat(&env.addr, "feeds").await;
+        feeds.contains("serving") && feeds.contains("published [plans]")
+    })
+    .await;
+    let feeds = cache_stat(&env.addr, "feeds").await;
+    assert!(published, "plans was never published: {feeds}");
+    assert!(
+        feeds.contains("notes not published: ")
+            && feeds.contains("does not have its cache key label in its replica identity"),
+        "notes was published although its key is not in its replica identity: {feeds}"
+    );
+
+    // Hits: the home shard sees the read once.
+    let calls = || statement_calls(&env, 0, "SELECT price FROM plans WHERE code = $1");
+    let hit = eventually(Duration::from_secs(20), || async {
+        let before = cache_count(&env.addr, "hits").await;
+        price(&client, "gold").await;
+        price(&client, "gold").await;
+        cache_count(&env.addr, "hits").await > before
+    })
+    .await;
+    assert!(hit, "plans was never served from the cache");
+    let before = calls().await;
+    for _ in 0..30 {
+        assert_eq!(price(&client, "gold").await, Some(10));
+    }
+    assert_eq!(calls().await, before, "cached reads reached the home shard");
+
+    // This proxy's writes, by key and without.
+    let other = env.client().await;
+    other
+        .simple_query("UPDATE plans SET price = 11 WHERE code = 'gold'")
+        .await
+        .expect("update by key");
+    assert_eq!(price(&client, "gold").await, Some(11));
+    assert_eq!(price(&client, "silver").await, None);
+    assert_eq!(price(&client, "silver").await, None);
+    other
+        .execute(
+            "INSERT INTO plans (code, price) VALUES ($1, $2)",
+            &[&"silver", &5i64],
+        )
+        .await
+        .expect("insert");
+    assert_eq!(price(&client, "silver").await, Some(5), "an insert is seen");
+    price(&client, "basic").await;
+    other
+        .simple_query("UPDATE plans SET price = price + 1 WHERE price < 3")
+        .await
+        .expect("keyless update");
+    assert_eq!(price(&client, "basic").await, Some(2), "a keyless update");
+
+    // Writes on the home shard itself, through the WAL: a new value, and
+    // the key itself changing (the old key must stop answering).
+    assert_eq!(price(&client, "gold").await, Some(11));
+    let direct = env.direct(0).await;
+    direct
+        .batch_execute("UPDATE plans SET price = 12 WHERE code = 'gold'")
+        .await
+        .expect("direct update");
+    let seen = eventually(Duration::from_secs(8), || async {
+        price(&client, "gold").await == Some(12)
+    })
+    .await;
+    assert!(seen, "a direct write never reached the cache");
+    direct
+        .batch_execute("UPDATE plans SET code = 'platinum' WHERE code = 'gold'")
+        .await
+        .expect("direct key change");
+    let gone = eventually(Duration::from_secs(8), || async {
+        price(&client, "gold").await.is_none()
+    })
+    .await;
+    assert!(gone, "the old key kept answering after the key changed");
+    assert_eq!(price(&client, "platinum").await, Some(12));
 }

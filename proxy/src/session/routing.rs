@@ -213,11 +213,13 @@ fn tables_of(analysis: &router::Analysis) -> String {
 }
 
 impl Session {
-    /// The shard map to route by, when it declares sharded tables or replicas.
+    /// The shard map to route by, when it declares sharded tables or
+    /// replicas, or the cache keeps unsharded tables by a configured key.
     pub(super) fn routing_map(&self) -> Option<Arc<ShardMap>> {
         let map = self.shared.follower.as_ref()?.map();
         let replicas = map.shards.values().any(|s| !s.replicas.is_empty());
-        (!map.tables.is_empty() || replicas).then_some(map)
+        let keyed = self.shared.cache.as_ref().is_some_and(|c| c.has_keys());
+        (!map.tables.is_empty() || replicas || keyed).then_some(map)
     }
 
     /// Handles the frames routing decides on; `false` leaves the frame to
@@ -620,7 +622,7 @@ impl Session {
             if self.statement_writes {
                 cache.note_write(&analysis, sql, map, params, &mut self.cache_writes);
             } else if self.txn_status == TransactionStatus::Idle {
-                self.point_read = cache.point_read(&analysis, map, params);
+                self.point_read = cache.point_read(&analysis, sql, map, params);
             }
         }
         if let Some(shard) = self.forced_shard {
