@@ -194,6 +194,23 @@ fn show_cache(shared: &Shared, out: &mut BytesMut) {
             for left in &info.left_out {
                 text.push_str(&format!("; {} not published: {}", left.table, left.reason));
             }
+            // Why writes to these tables invalidate more than they name.
+            let (anything, cascades): (Vec<_>, Vec<_>) =
+                info.reach.iter().partition(|r| r.changes.is_none());
+            if !anything.is_empty() {
+                let names: Vec<&str> = anything.iter().map(|r| r.table.as_str()).collect();
+                text.push_str(&format!(
+                    "; triggers or rules on [{}] (writes there invalidate every cached table)",
+                    names.join(", ")
+                ));
+            }
+            if !cascades.is_empty() {
+                let pairs: Vec<String> = cascades
+                    .iter()
+                    .map(|r| format!("{} -> {}", r.table, r.changes.as_deref().unwrap_or("")))
+                    .collect();
+                text.push_str(&format!("; cascading foreign keys [{}]", pairs.join(", ")));
+            }
             text
         })
         .collect();

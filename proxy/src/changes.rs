@@ -306,6 +306,55 @@ pub async fn ensure_publication_keyed(
 /// Changes are checked where PostgreSQL checks them: on the table, or on each
 /// partition of a partitioned one (`pg_partition_tree` has no row for a table
 /// outside any partition tree, hence the UNION).
+/// Where a write to a table may write besides its own rows, as far as the
+/// catalog of `target`'s server shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reach {
+    /// The table written (`relname`; the root of a partition tree).
+    pub table: String,
+    /// A table a cascading foreign key changes with it; `None` when the
+    /// table has triggers or rules, which may write anything.
+    pub changes: Option<String>,
+}
+
+/// Every table whose writes may change rows of other tables (or other rows
+/// of itself) without the statement naming them: tables and views with
+/// user triggers or non-SELECT rules (which may run anything), and tables
+/// referenced by a foreign key with a cascading, SET NULL or SET DEFAULT
+/// action (which changes the referencing table). Partitions count as their
+/// partition tree's root.
+pub async fn write_reach(target: &ServerTarget) -> Result<Vec<Reach>> {
+    const SQL: &str = "
+        WITH rel AS (
+          SELECT c.oid, (SELECT r.relname FROM pg_class r
+                         WHERE r.oid = coalesce(pg_partition_root(c.oid), c.oid)) AS root
+          FROM pg_class c
+          WHERE c.relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                       'information_schema'::regnamespace))
+        SELECT rel.root, NULL::name FROM rel
+        WHERE EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = rel.oid AND NOT t.tgisinternal)
+           OR EXISTS (SELECT FROM pg_rewrite w WHERE w.ev_class = rel.oid AND w.ev_type <> '1')
+        UNION
+        SELECT referenced.root, referencing.root
+        FROM pg_constraint k
+          JOIN rel referenced ON referenced.oid = k.confrelid
+          JOIN rel referencing ON referencing.oid = k.conrelid
+        WHERE k.contype = 'f'
+          AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))";
+    let mut conn = ServerConn::connect(target, 0).await?;
+    let rows = run(&mut conn, SQL, target.message_bytes_max).await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let mut values = row.into_iter();
+            Some(Reach {
+                table: values.next()??,
+                changes: values.next().flatten(),
+            })
+        })
+        .collect())
+}
+
 fn table_check_sql(oid: u32, key: Option<&CacheKey>) -> String {
     const FAILS: &str = "once published, every UPDATE and DELETE on it would fail";
     let publication = quote_literal(PUBLICATION);

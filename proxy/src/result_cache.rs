@@ -44,6 +44,9 @@ use crate::server::ServerTarget;
 const KEYS_MAX: usize = 1000;
 /// How often a feed tries again to publish enabled tables it could not.
 const PUBLISH_RETRY: Duration = Duration::from_secs(1);
+/// How often a feed reads again which writes reach other tables
+/// (triggers, rules, cascading foreign keys), besides after DDL.
+const REACH_REFRESH: Duration = Duration::from_secs(5);
 
 pub struct ResultCache {
     pub store: Store,
@@ -66,6 +69,20 @@ pub struct ResultCache {
     /// The `[cache.keys]` tables the last map seen by
     /// [`ResultCache::ensure_feeds`] shards.
     keyed_sharded: Mutex<BTreeSet<String>>,
+    /// What a write to a table (by lower-case name) may change besides the
+    /// rows its statement names, from every feed's server catalog.
+    reach: RwLock<HashMap<String, Reaches>>,
+    /// Bumped by DDL through this proxy: feeds read the reach again.
+    reach_version: AtomicU64,
+}
+
+/// See [`ResultCache::reach`].
+#[derive(Clone, Debug, Default)]
+struct Reaches {
+    /// Triggers or rules: anything.
+    anything: bool,
+    /// Tables changed by cascading foreign keys (lower-case names).
+    tables: BTreeSet<String>,
 }
 
 /// Texts whose analysis against the keyed map is kept.
@@ -90,6 +107,8 @@ pub struct FeedInfo {
     pub last_error: Option<String>,
     /// Tables that cannot be published here, and why.
     pub left_out: Vec<changes::LeftOut>,
+    /// Writes that reach other tables on this server.
+    pub reach: Vec<changes::Reach>,
 }
 
 /// What a session's writes invalidate, applied when their transaction ends.
@@ -160,6 +179,8 @@ impl ResultCache {
             keyed: Mutex::default(),
             keyed_analyses: AnalysisCache::new(KEYED_ANALYSES_MAX),
             keyed_sharded: Mutex::default(),
+            reach: RwLock::default(),
+            reach_version: AtomicU64::new(0),
         }
     }
 
@@ -395,13 +416,34 @@ impl ResultCache {
         if tables.is_empty() || into.all {
             return;
         }
+        if analysis.kind == StatementKind::Ddl {
+            // It may create a trigger, a rule or a foreign key.
+            self.reach_version.fetch_add(1, Ordering::AcqRel);
+        }
         if writes_unknown(analysis, sql) {
             into.all = true;
             return;
         }
+        let lower = sql.to_ascii_lowercase();
+        // A write to a table with triggers or rules, or referenced by a
+        // cascading foreign key, changes rows the statement does not name.
+        // (Any text naming the table counts: a superset is safe.)
+        for (table, reaches) in self.reach.read().expect("lock poisoned").iter() {
+            if !lower.contains(table.as_str()) {
+                continue;
+            }
+            if reaches.anything {
+                into.all = true;
+                return;
+            }
+            for cached in tables.iter() {
+                if reaches.tables.contains(&unqualified(cached)) {
+                    into.tables.insert(cached.clone());
+                }
+            }
+        }
         // A write naming one of a cached table's partitions (`accounts_p003`)
         // is no write to a sharded table for the analysis.
-        let lower = sql.to_ascii_lowercase();
         for table in tables.iter() {
             if lower.contains(&format!("{}_p", table.to_ascii_lowercase())) {
                 into.tables.insert(table.clone());
@@ -543,6 +585,12 @@ impl ResultCache {
         id.extend_from_slice(text);
         id
     }
+}
+
+/// The lower-case table name without its schema.
+fn unqualified(name: &str) -> String {
+    let name = name.rsplit('.').next().unwrap_or(name);
+    name.trim_matches('"').to_lowercase()
 }
 
 /// A hash of the session's parameters (search_path, DateStyle, ... change
@@ -732,13 +780,21 @@ async fn publish_changes(
         .upgrade()
         .map(|c| c.tables_version.load(Ordering::Acquire));
     let mut last = tokio::time::Instant::now();
+    let mut reach_seen = None;
+    let mut reach_read = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let Some(c) = cache.upgrade() else {
             return Ok(());
         };
         let version = c.tables_version.load(Ordering::Acquire);
+        let reach_version = c.reach_version.load(Ordering::Acquire);
         drop(c);
+        if reach_seen != Some(reach_version) || reach_read.elapsed() >= REACH_REFRESH {
+            read_reach(cache, feed, target).await?;
+            reach_seen = Some(reach_version);
+            reach_read = tokio::time::Instant::now();
+        }
         // A table left out may be created (or given a key) later.
         let retry = !feed.info.lock().expect("lock poisoned").left_out.is_empty()
             && last.elapsed() >= PUBLISH_RETRY;
@@ -766,6 +822,7 @@ async fn publish(
     let keys = c.config.keys.clone();
     drop(c);
     let state = changes::ensure_publication_keyed(target, &tables, &keys).await?;
+    read_reach(cache, feed, target).await?;
     let mut published = feed.published.write().expect("lock poisoned");
     for table in &state.published {
         published.entry(table.clone()).or_insert(state.lsn);
@@ -773,5 +830,33 @@ async fn publish(
     published.retain(|t, _| tables.contains(t));
     drop(published);
     feed.info.lock().expect("lock poisoned").left_out = state.left_out.clone();
+    Ok(())
+}
+
+/// Reads which writes reach other tables on `feed`'s server, and merges
+/// every feed's answer into the cache's.
+async fn read_reach(
+    cache: &Weak<ResultCache>,
+    feed: &Arc<Feed>,
+    target: &ServerTarget,
+) -> crate::Result<()> {
+    let reach = changes::write_reach(target).await?;
+    feed.info.lock().expect("lock poisoned").reach = reach;
+    let Some(c) = cache.upgrade() else {
+        return Ok(());
+    };
+    let mut merged: HashMap<String, Reaches> = HashMap::new();
+    for feed in c.feeds() {
+        for r in feed.info().reach {
+            let entry = merged.entry(r.table.to_lowercase()).or_default();
+            match r.changes {
+                Some(table) => {
+                    entry.tables.insert(table.to_lowercase());
+                }
+                None => entry.anything = true,
+            }
+        }
+    }
+    *c.reach.write().expect("lock poisoned") = merged;
     Ok(())
 }

@@ -761,25 +761,37 @@ auth = "trust"
 admin = true
 "#;
 
+/// `shards` shards, no sharded table, the cache keeping `plans` and `notes`
+/// (unsharded) by their `[cache.keys]` column.
+async fn keyed_env(shards: usize) -> ShardedEnv {
+    let options = Options {
+        pool_size: 10,
+        ..Options::default()
+    };
+    ShardedEnv::with_sections(shards, options, KEYED_SECTIONS).await
+}
+
 /// The price of plan `code` (an unsharded table), if there is one.
 async fn price(client: &Client, code: &str) -> Option<i64> {
+    let price = plan_column(client, code, "price").await?;
+    Some(price?.parse().expect("a number"))
+}
+
+/// Column `column` of plan `code`, if there is one.
+async fn plan_column(client: &Client, code: &str, column: &str) -> Option<Option<String>> {
     let messages = client
-        .simple_query(&format!("SELECT price FROM plans WHERE code = '{code}'"))
+        .simple_query(&format!("SELECT {column} FROM plans WHERE code = '{code}'"))
         .await
         .expect("point read of plans");
     messages.into_iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(row) => Some(row.get(0)?.parse().expect("a number")),
+        SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
         _ => None,
     })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsharded_table_is_cached_by_its_configured_key() {
-    let options = Options {
-        pool_size: 10,
-        ..Options::default()
-    };
-    let env = ShardedEnv::with_sections(2, options, KEYED_SECTIONS).await;
+    let env = keyed_env(2).await;
     let client = env.client().await;
     // Unsharded: both live on the home shard. `notes` is keyed by a column
     // outside its replica identity, which the WAL would not show changing.
@@ -868,4 +880,76 @@ async fn an_unsharded_table_is_cached_by_its_configured_key() {
     .await;
     assert!(gone, "the old key kept answering after the key changed");
     assert_eq!(price(&client, "platinum").await, Some(12));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_reach_a_cached_table_through_triggers_or_cascades_invalidate_it() {
+    let env = keyed_env(1).await;
+    let client = env.client().await;
+    // An insert into orders changes plans through a trigger; renaming a
+    // tier changes plans through a cascading foreign key.
+    client
+        .batch_execute(
+            "CREATE TABLE tiers (name text PRIMARY KEY);
+             INSERT INTO tiers VALUES ('top'), ('low');
+             CREATE TABLE plans (code text PRIMARY KEY, price int8 NOT NULL,
+                                 tier text REFERENCES tiers ON UPDATE CASCADE);
+             INSERT INTO plans VALUES ('gold', 10, 'top'), ('basic', 1, 'low');
+             CREATE TABLE orders (id int8 PRIMARY KEY, plan text NOT NULL);
+             CREATE FUNCTION count_order() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               UPDATE plans SET price = price + 1 WHERE code = NEW.plan;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER orders_count AFTER INSERT ON orders
+               FOR EACH ROW EXECUTE FUNCTION count_order()",
+        )
+        .await
+        .expect("tables, trigger and foreign key");
+    let ready = eventually(Duration::from_secs(20), || async {
+        let feeds = cache_stat(&env.addr, "feeds").await;
+        feeds.contains("serving")
+            && feeds.contains("published [plans]")
+            && feeds.contains("triggers or rules on [orders]")
+            && feeds.contains("cascading foreign keys [tiers -> plans]")
+    })
+    .await;
+    let feeds = cache_stat(&env.addr, "feeds").await;
+    assert!(
+        ready,
+        "the feed never saw the trigger and the foreign key: {feeds}"
+    );
+    let hit = eventually(Duration::from_secs(20), || async {
+        let before = cache_count(&env.addr, "hits").await;
+        price(&client, "gold").await;
+        price(&client, "gold").await;
+        plan_column(&client, "basic", "tier").await;
+        plan_column(&client, "basic", "tier").await;
+        cache_count(&env.addr, "hits").await >= before + 2
+    })
+    .await;
+    assert!(hit, "plans was never served from the cache");
+
+    // Only the proxy's own invalidation counts: the WAL feed is stopped
+    // (for less than max_stream_lag, so the cache still serves).
+    let writer = env.client().await;
+    let _paused = PausedFeeds::pause(&env).await;
+    writer
+        .simple_query("INSERT INTO orders VALUES (1, 'gold')")
+        .await
+        .expect("an order");
+    assert_eq!(
+        price(&client, "gold").await,
+        Some(11),
+        "the trigger's write was not seen"
+    );
+    writer
+        .simple_query("UPDATE tiers SET name = 'bottom' WHERE name = 'low'")
+        .await
+        .expect("a tier renamed");
+    assert_eq!(
+        plan_column(&client, "basic", "tier").await,
+        Some(Some("bottom".to_owned())),
+        "the cascade's write was not seen"
+    );
 }
