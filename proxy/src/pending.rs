@@ -262,6 +262,63 @@ impl Pending {
         d
     }
 
+    /// The length of the run of complete server messages at the front of
+    /// `buf` that only pass through: replies to client messages sent on
+    /// (rows, descriptions, completions) that change nothing but which entry
+    /// is at the head, which this pops. Stops before anything else: an
+    /// error, a ReadyForQuery, a COPY IN, a CommandComplete unless
+    /// `commands` (and the head has no session effects), a message whose
+    /// body is longer than `body_max`, and once the run reaches `room` bytes.
+    /// Matches what [`Pending::on_server_message`] does for each message,
+    /// one message at a time.
+    pub fn pass_through(
+        &mut self,
+        buf: &[u8],
+        commands: bool,
+        body_max: usize,
+        room: usize,
+    ) -> usize {
+        let mut end = 0;
+        let Some(Entry::Forwarded {
+            expect, effects, ..
+        }) = self.entries.front()
+        else {
+            return 0;
+        };
+        let (mut expect, mut commands_here) = (*expect, commands && effects.is_none());
+        while end < room {
+            let rest = &buf[end..];
+            let Some(&[tag, l0, l1, l2, l3]) = rest.get(..wire::HEADER_LEN) else {
+                break;
+            };
+            let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+            if len < 4 || len - 4 > body_max || rest.len() <= len {
+                break;
+            }
+            match tag {
+                backend::ERROR_RESPONSE
+                | backend::READY_FOR_QUERY
+                | backend::COPY_IN_RESPONSE
+                | backend::COPY_BOTH_RESPONSE => break,
+                backend::COMMAND_COMPLETE if !commands_here => break,
+                _ => {}
+            }
+            end += 1 + len;
+            if expect.completed_by(tag) {
+                self.entries.pop_front();
+                match self.entries.front() {
+                    Some(Entry::Forwarded {
+                        expect: next,
+                        effects,
+                        ..
+                    }) => (expect, commands_here) = (*next, commands && effects.is_none()),
+                    _ => break,
+                }
+            }
+        }
+        end
+    }
+
     /// The session effect of the statement a CommandComplete with `tag` just
     /// completed, if the head entry's text has effects and the tag is one of
     /// theirs. Effects are consumed in statement order.
@@ -363,7 +420,14 @@ impl Pending {
     }
 
     /// Appends the local replies now due.
+    #[inline]
     pub fn drain_local(&mut self, out: &mut bytes::BytesMut) {
+        if matches!(self.entries.front(), Some(Entry::Local(_) | Entry::CopyEnd)) {
+            self.drain_local_due(out);
+        }
+    }
+
+    fn drain_local_due(&mut self, out: &mut bytes::BytesMut) {
         while let Some(entry) = self.entries.front() {
             match entry {
                 Entry::Local(LocalReply::ParseComplete) => {
@@ -424,6 +488,104 @@ mod tests {
                 .forward
         );
         assert!(p.is_empty());
+    }
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut f = vec![tag];
+        f.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn pass_through_matches_message_by_message() {
+        use backend::*;
+        let simple = [fwd(Expect::Ready)];
+        let extended = [
+            fwd(Expect::ParseComplete),
+            fwd(Expect::BindComplete),
+            fwd(Expect::Description),
+            fwd(Expect::ExecuteDone),
+            fwd(Expect::Ready),
+        ];
+        let local_next = [
+            fwd(Expect::ParseComplete),
+            Entry::Local(LocalReply::CloseComplete),
+            fwd(Expect::Ready),
+        ];
+        let injected = [
+            Entry::Injected {
+                expect: Expect::ParseComplete,
+                registers: None,
+            },
+            fwd(Expect::Ready),
+        ];
+        let effects = [Entry::with_effects(Expect::Ready, Some(Arc::from([])))];
+        let reply = [ROW_DESCRIPTION, DATA_ROW, COMMAND_COMPLETE, READY_FOR_QUERY];
+        let extended_reply = [
+            PARSE_COMPLETE,
+            BIND_COMPLETE,
+            ROW_DESCRIPTION,
+            DATA_ROW,
+            COMMAND_COMPLETE,
+            READY_FOR_QUERY,
+        ];
+        #[rustfmt::skip]
+        let cases: &[(&str, &[Entry], &[u8], bool, usize, usize)] = &[
+            // name, entries, reply tags, commands, room, frames passed
+            ("simple", &simple, &reply, true, usize::MAX, 3),
+            ("simple, commands held back", &simple, &reply, false, usize::MAX, 2),
+            ("simple, statement with effects", &effects, &reply, true, usize::MAX, 2),
+            ("extended", &extended, &extended_reply, true, usize::MAX, 5),
+            ("extended, commands held back", &extended, &extended_reply, false, usize::MAX, 4),
+            ("a local reply is due after the first", &local_next, &[PARSE_COMPLETE, READY_FOR_QUERY], true, usize::MAX, 1),
+            ("injected", &injected, &[PARSE_COMPLETE, READY_FOR_QUERY], true, usize::MAX, 0),
+            ("error", &simple, &[NOTICE_RESPONSE, ERROR_RESPONSE, READY_FOR_QUERY], true, usize::MAX, 1),
+            ("copy in", &simple, &[COPY_IN_RESPONSE], true, usize::MAX, 0),
+            ("room for one", &simple, &reply, true, 1, 1),
+            ("nothing owed", &[], &reply, true, usize::MAX, 0),
+        ];
+        for &(name, entries, tags, commands, room, passed) in cases {
+            let mut buf = Vec::new();
+            let mut ends = vec![0];
+            for &tag in tags {
+                buf.extend(frame(tag, b"x\0"));
+                ends.push(buf.len());
+            }
+            let (mut fast, mut slow) = (Pending::default(), Pending::default());
+            let mut out = BytesMut::new();
+            for e in entries {
+                fast.push(e.clone(), &mut out);
+                slow.push(e.clone(), &mut out);
+            }
+            let run = fast.pass_through(&buf, commands, 1 << 20, room);
+            assert_eq!(run, ends[passed], "{name}");
+            for &tag in &tags[..passed] {
+                let d = slow.on_server_message(tag, &mut out);
+                assert!(
+                    d.forward && !d.unexpected && d.unregistered.is_empty(),
+                    "{name}"
+                );
+            }
+            assert!(out.is_empty(), "{name}");
+            assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{name}");
+            // An incomplete frame is not passed.
+            let mut fast = Pending::default();
+            for e in entries {
+                fast.push(e.clone(), &mut out);
+            }
+            let cut = ends[passed]
+                .saturating_sub(1)
+                .max(ends[passed.saturating_sub(1)]);
+            let run = fast.pass_through(&buf[..cut], commands, 1 << 20, room);
+            assert_eq!(run, ends[passed.saturating_sub(1)], "{name}, cut short");
+        }
+        // A message longer than the caller's limit is left to it.
+        let mut p = Pending::default();
+        p.push(fwd(Expect::Ready), &mut BytesMut::new());
+        let row = frame(DATA_ROW, &[7; 100]);
+        assert_eq!(p.pass_through(&row, true, 99, usize::MAX), 0);
+        assert_eq!(p.pass_through(&row, true, 100, usize::MAX), row.len());
     }
 
     #[test]

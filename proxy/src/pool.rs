@@ -5,8 +5,12 @@
 //! `broken`, so bb8 drops it instead of handing it out again.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -24,6 +28,9 @@ pub struct ServerManager {
     /// Bumped with the reason every time a connection attempt fails, so
     /// waiting clients learn the server is down instead of timing out.
     failures: watch::Sender<(u64, String)>,
+    /// Connection attempts failed so far; bumped before `failures`, so a
+    /// checkout can tell without a receiver of its own whether one failed.
+    failed: Arc<AtomicU64>,
 }
 
 impl bb8::ManageConnection for ServerManager {
@@ -44,6 +51,7 @@ impl bb8::ManageConnection for ServerManager {
             }
             Err(e) => {
                 tracing::warn!(database = %self.target.database, error = %e, "server connection failed");
+                self.failed.fetch_add(1, Ordering::SeqCst);
                 self.failures.send_modify(|(n, reason)| {
                     *n += 1;
                     *reason = e.to_string();
@@ -73,9 +81,11 @@ pub struct Pool {
     pub database: String,
     pub mode: PoolMode,
     pub size: u32,
+    checkout_timeout: Duration,
     pool: bb8::Pool<ServerManager>,
     login_params: Arc<Mutex<Option<ServerParams>>>,
     failures: watch::Receiver<(u64, String)>,
+    failed: Arc<AtomicU64>,
     /// The session parameters the last client logged in with.
     last_params: Mutex<ParamState>,
 }
@@ -93,11 +103,13 @@ impl Pool {
     pub fn new(database: String, target: ServerTarget, settings: PoolSettings) -> Pool {
         let login_params = Arc::new(Mutex::new(None));
         let (failures_tx, failures) = watch::channel((0, String::new()));
+        let failed = Arc::new(AtomicU64::new(0));
         let manager = ServerManager {
             target,
             prepared_max: settings.prepared_max,
             login_params: login_params.clone(),
             failures: failures_tx,
+            failed: failed.clone(),
         };
         let pool = bb8::Pool::builder()
             .max_size(settings.size)
@@ -112,10 +124,11 @@ impl Pool {
             database,
             mode: settings.mode,
             size: settings.size,
-
+            checkout_timeout: settings.checkout_timeout,
             pool,
             login_params,
             failures,
+            failed,
             last_params: Mutex::default(),
         }
     }
@@ -123,23 +136,48 @@ impl Pool {
     /// Waits for a server connection up to the checkout timeout. Fails early
     /// if a connection attempt fails while waiting. Cancel-safe.
     pub async fn checkout(&self) -> Result<Pooled> {
-        let started = Instant::now();
+        let failed = self.failed.load(Ordering::SeqCst);
+        let mut get = pin!(self.pool.get_owned());
+        // Usually a connection is idle and the first poll hands it over:
+        // only a checkout that has to wait watches for failed attempts.
+        let first = std::future::poll_fn(|cx| Poll::Ready(get.as_mut().poll(cx))).await;
+        if let Poll::Ready(got) = first {
+            return self.checked_out(got);
+        }
         let mut failures = self.failures.clone();
         failures.mark_unchanged();
+        // An attempt that failed before `mark_unchanged` is not news to
+        // `failures`; the counter, bumped first, tells.
+        if self.failed.load(Ordering::SeqCst) != failed {
+            return Err(self.unavailable(&failures));
+        }
         tokio::select! {
             biased;
-            got = self.pool.get_owned() => got.map_err(|e| match e {
-                bb8::RunError::User(e) => e,
-                bb8::RunError::TimedOut => Error::PoolExhausted {
-                    database: self.database.clone(),
-                    waited: started.elapsed(),
-                    pool_size: self.size,
-                },
-            }),
-            _ = failures.changed() => {
-                let reason = failures.borrow().1.clone();
-                Err(Error::ServerUnavailable { database: self.database.clone(), reason })
-            }
+            got = get => self.checked_out(got),
+            _ = failures.changed() => Err(self.unavailable(&failures)),
+        }
+    }
+
+    fn checked_out(
+        &self,
+        got: std::result::Result<Pooled, bb8::RunError<Error>>,
+    ) -> Result<Pooled> {
+        got.map_err(|e| match e {
+            bb8::RunError::User(e) => e,
+            // bb8 gives up exactly when the checkout timeout has passed.
+            bb8::RunError::TimedOut => Error::PoolExhausted {
+                database: self.database.clone(),
+                waited: self.checkout_timeout,
+                pool_size: self.size,
+            },
+        })
+    }
+
+    fn unavailable(&self, failures: &watch::Receiver<(u64, String)>) -> Error {
+        let reason = failures.borrow().1.clone();
+        Error::ServerUnavailable {
+            database: self.database.clone(),
+            reason,
         }
     }
 

@@ -763,10 +763,11 @@ impl Session {
                 // while others of theirs hold every server connection (pgbench
                 // -M prepared, libpq's PQprepare) would otherwise wait on
                 // themselves until the checkout timeout.
-                frontend::PARSE => {
+                // (A named one: the unnamed statement is left to `on_parse`.)
+                frontend::PARSE if frame.body().first().is_some_and(|&b| b != 0) => {
                     let parse = Parse::decode(frame.body())?;
                     let sql = std::str::from_utf8(parse.query).ok();
-                    if !parse.name.is_empty() && sql.is_some_and(router::parses) {
+                    if sql.is_some_and(router::parses) {
                         self.remember(&frame, parse)?;
                         backend::encode_parse_complete(&mut self.cout);
                         return Ok(());
@@ -782,6 +783,8 @@ impl Session {
         let attached = match &map {
             Some(map) if tag == frontend::FUNCTION_CALL => self.attach_function_call(map).await,
             Some(map) => self.attach_current(map).await,
+            // Attached and in step: nothing to wait for.
+            None if self.server.is_some() && !self.params_dirty => Ok(()),
             None => self.ensure_server().await,
         };
         if let Err(e) = attached {
@@ -861,10 +864,19 @@ impl Session {
     /// sharded table (it might route by a map that has moved on). Work inside
     /// a transaction that began while it was current carries on; partitions
     /// that moved meanwhile are protected by the fence on the old owner.
+    #[inline]
     fn check_map_current(&self, frame: &Frame) -> Result<()> {
-        let Some(follower) = &self.shared.follower else {
-            return Ok(());
-        };
+        match &self.shared.follower {
+            None => Ok(()),
+            Some(follower) => self.check_map_current_of(follower, frame),
+        }
+    }
+
+    fn check_map_current_of(
+        &self,
+        follower: &crate::follower::MapFollower,
+        frame: &Frame,
+    ) -> Result<()> {
         let starts_work = matches!(
             frame.tag(),
             frontend::QUERY | frontend::PARSE | frontend::BIND
@@ -1051,8 +1063,25 @@ impl Session {
                 self.server_stream -= n;
                 continue;
             }
-            if self.cout.len() >= buffer_max {
+            if self.cout.len() >= buffer_max || conn.buf.len() < wire::HEADER_LEN {
                 return Ok(());
+            }
+            if self.retry.is_none() && self.fill.is_none() {
+                // Replies that only pass through (rows, descriptions, plain
+                // completions) leave in one copy per run, not one per message.
+                let commands = self.cache_writes.is_empty() && self.txn_effects.is_empty();
+                let run = self.pending.pass_through(
+                    &conn.buf,
+                    commands,
+                    message_max.min(STREAM_THRESHOLD - wire::HEADER_LEN),
+                    buffer_max - self.cout.len(),
+                );
+                if run > 0 {
+                    self.cout.extend_from_slice(&conn.buf[..run]);
+                    conn.buf.advance(run);
+                    self.pending.drain_local(&mut self.cout);
+                    continue;
+                }
             }
             let header = Header::peek(&conn.buf, FRAME_BYTES_MAX).map_err(|e| {
                 conn.broken = true;

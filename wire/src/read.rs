@@ -29,7 +29,11 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string, without its terminator.
     pub(crate) fn cstr(&mut self) -> Result<&'a [u8]> {
-        let end = memchr::memchr(0, self.buf).ok_or_else(|| self.malformed())?;
+        // Names are mostly empty (the unnamed statement and portal): no search then.
+        let end = match self.buf.first() {
+            Some(0) => 0,
+            _ => memchr::memchr(0, self.buf).ok_or_else(|| self.malformed())?,
+        };
         let s = &self.buf[..end];
         self.buf = &self.buf[end + 1..];
         Ok(s)

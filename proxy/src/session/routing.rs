@@ -212,14 +212,24 @@ fn tables_of(analysis: &router::Analysis) -> String {
     names.join(", ")
 }
 
+/// The follower's shard map, when it declares sharded tables or replicas,
+/// or the cache keeps unsharded tables by a configured key.
+fn map_to_route(
+    follower: &crate::follower::MapFollower,
+    cache: Option<&Arc<crate::result_cache::ResultCache>>,
+) -> Option<Arc<ShardMap>> {
+    let map = follower.map();
+    let replicas = map.shards.values().any(|s| !s.replicas.is_empty());
+    let keyed = cache.is_some_and(|c| c.has_keys());
+    (!map.tables.is_empty() || replicas || keyed).then_some(map)
+}
+
 impl Session {
-    /// The shard map to route by, when it declares sharded tables or
-    /// replicas, or the cache keeps unsharded tables by a configured key.
+    /// The shard map to route by (see [`map_to_route`]).
+    #[inline]
     pub(super) fn routing_map(&self) -> Option<Arc<ShardMap>> {
-        let map = self.shared.follower.as_ref()?.map();
-        let replicas = map.shards.values().any(|s| !s.replicas.is_empty());
-        let keyed = self.shared.cache.as_ref().is_some_and(|c| c.has_keys());
-        (!map.tables.is_empty() || replicas || keyed).then_some(map)
+        let follower = self.shared.follower.as_deref()?;
+        map_to_route(follower, self.shared.cache.as_ref())
     }
 
     /// Handles the frames routing decides on; `false` leaves the frame to
