@@ -31,6 +31,39 @@ pub struct Config {
     pub replicas: ReplicaConfig,
     #[serde(default)]
     pub cache: CacheConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The operators' HTTP listener: Prometheus `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `host:port`, or `"off"`. A port in use is logged, not fatal: the
+    /// proxy serves its clients without metrics.
+    #[serde(deserialize_with = "listen_or_off")]
+    pub listen: Option<SocketAddr>,
+    /// Scrapes served at once; more wait for their turn.
+    pub connections_max: u32,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9930))),
+            connections_max: 16,
+        }
+    }
+}
+
+fn listen_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|e| {
+        serde::de::Error::custom(format!("\"{text}\" is neither host:port nor \"off\": {e}"))
+    })
 }
 
 /// The result cache for point reads of sharded tables, and of unsharded

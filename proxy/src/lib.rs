@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod follower;
 mod listener;
+pub mod metrics;
 pub mod params;
 pub mod pending;
 pub mod pool;

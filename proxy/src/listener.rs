@@ -30,6 +30,8 @@ const AUTH_MESSAGE_BYTES_MAX: u32 = 65_535;
 pub struct Proxy {
     listener: TcpListener,
     shared: Arc<Shared>,
+    /// The operators' HTTP listener, when configured and bound.
+    metrics: Option<std::net::TcpListener>,
 }
 
 impl Proxy {
@@ -49,23 +51,53 @@ impl Proxy {
             let addr = listener.local_addr().map_or(addr, |a| a);
             crate::follower::MapFollower::start(m, addr.to_string())
         });
+        // Metrics are for operators: a port in use must not keep clients out.
+        let metrics = config
+            .admin
+            .listen
+            .and_then(|addr| match crate::metrics::bind(addr) {
+                Ok(listener) => Some(listener),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot listen for metrics; serving without");
+                    None
+                }
+            });
         let shared = Arc::new(Shared::new(Arc::new(config), follower));
         if shared.follower.is_some() {
             tokio::spawn(watch_servers(Arc::downgrade(&shared)));
         }
-        Ok(Proxy { listener, shared })
+        Ok(Proxy {
+            listener,
+            shared,
+            metrics,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref()?.local_addr().ok()
+    }
+
     /// Accepts clients until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let metrics = self.metrics.map(|listener| {
+            let max = self.shared.config.admin.connections_max;
+            let shared = Arc::downgrade(&self.shared);
+            tokio::spawn(crate::metrics::serve(listener, shared, max))
+        });
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => {
+                    if let Some(metrics) = metrics {
+                        metrics.abort();
+                    }
+                    return;
+                }
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let shared = self.shared.clone();

@@ -233,4 +233,13 @@ impl Pools {
             .or_insert_with(|| Arc::new(make()))
             .clone()
     }
+
+    /// Every pool with its (database, user, server address) key, sorted.
+    pub fn all(&self) -> Vec<((String, String, String), Arc<Pool>)> {
+        let mut all: Vec<_> = (self.pools.read().expect("lock poisoned").iter())
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
 }

@@ -13,6 +13,8 @@ pub const APP_PASSWORD: &str = "app-secret";
 pub struct Env {
     pub pg: Cluster,
     pub addr: SocketAddr,
+    /// The metrics listener, when the config has an `[admin]` section.
+    pub metrics: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -36,14 +38,28 @@ impl Options {
 /// Starts an in-process proxy with `config`; it runs until the sender is
 /// dropped or used.
 pub async fn start_proxy(config: &str) -> (SocketAddr, oneshot::Sender<()>) {
-    let config = proxy::Config::parse(config).expect("test config is valid");
-    let proxy = proxy::Proxy::bind(config).await.expect("bind");
+    let (addr, _, stop) = start_proxy_with_metrics(config).await;
+    (addr, stop)
+}
+
+/// [`start_proxy`], also giving the metrics listener's address. Without an
+/// `[admin]` section in `config` there is none (tests running side by side
+/// would all want the default port).
+pub async fn start_proxy_with_metrics(
+    config: &str,
+) -> (SocketAddr, Option<SocketAddr>, oneshot::Sender<()>) {
+    let mut parsed = proxy::Config::parse(config).expect("test config is valid");
+    if !config.contains("[admin]") {
+        parsed.admin.listen = None;
+    }
+    let proxy = proxy::Proxy::bind(parsed).await.expect("bind");
     let addr = proxy.local_addr().expect("addr");
+    let metrics = proxy.metrics_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(proxy.run(async {
         let _ = stopped.await;
     }));
-    (addr, stop)
+    (addr, metrics, stop)
 }
 
 /// A tokio-postgres client through the proxy at `addr`.
@@ -153,10 +169,11 @@ server_password = "scram-pass"
             proxy = options.proxy_section(),
             port = pg.port(),
         );
-        let (addr, stop) = start_proxy(&config).await;
+        let (addr, metrics, stop) = start_proxy_with_metrics(&config).await;
         Env {
             pg,
             addr,
+            metrics,
             stop: Some(stop),
         }
     }

@@ -6,6 +6,7 @@ mod cache;
 mod harness;
 mod meta_cli;
 mod metadata;
+mod metrics;
 mod pooling;
 mod protocol;
 mod raw;

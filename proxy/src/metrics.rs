@@ -1,0 +1,429 @@
+//! Metrics: the operators' HTTP listener (`[admin] listen`).
+//!
+//! `/metrics` answers in the Prometheus text format, encoded by
+//! `prometheus-client`; `/healthz` says the process answers; `/readyz` says
+//! it can route (with a metadata group: its lease on the shard map holds).
+//! Every figure is read from the proxy's own state at scrape time (client
+//! slots, bb8's pool statistics, the health monitors, the cache counters),
+//! so the statement path pays nothing for being observed.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::shared::Shared;
+
+/// How long a scraper may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The content type of the Prometheus text format, version 0.0.4.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Binds the listener at `addr` (synchronously, so the caller knows the
+/// port before serving).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` for as long as
+/// the proxy's shared state lives.
+pub async fn serve(listener: std::net::TcpListener, shared: Weak<Shared>, connections_max: u32) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics listener unusable; no metrics");
+            return;
+        }
+    };
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ProxyCollector {
+        shared: shared.clone(),
+    }));
+    let registry = Arc::new(registry);
+    let slots = Arc::new(Semaphore::new(connections_max.max(1) as usize));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if shared.strong_count() == 0 {
+            return;
+        }
+        let (shared, registry) = (shared.clone(), registry.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let answer = answer(&shared, &registry, &request);
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            drop(slot);
+        });
+    }
+}
+
+fn answer(
+    shared: &Weak<Shared>,
+    registry: &Registry,
+    request: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if let Ok(value) = content_type.parse() {
+            response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+        }
+        response
+    };
+    let text = "text/plain; charset=utf-8";
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, text, "GET only\n".into());
+    }
+    match request.uri().path() {
+        "/metrics" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, registry) {
+                Ok(()) => reply(StatusCode::OK, TEXT_FORMAT, body),
+                Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, text, "encoding failed\n".into()),
+            }
+        }
+        "/healthz" => reply(StatusCode::OK, text, "ok\n".into()),
+        "/readyz" => match shared.upgrade().map(|s| not_ready(&s)) {
+            Some(None) => reply(StatusCode::OK, text, "ready\n".into()),
+            Some(Some(why)) => reply(StatusCode::SERVICE_UNAVAILABLE, text, format!("{why}\n")),
+            None => reply(StatusCode::SERVICE_UNAVAILABLE, text, "stopping\n".into()),
+        },
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            text,
+            "not found: try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+/// Why the proxy cannot serve clients correctly now, if it cannot.
+fn not_ready(shared: &Shared) -> Option<String> {
+    let follower = shared.follower.as_ref()?;
+    (!follower.is_current()).then(|| {
+        "no current shard map: the lease with the metadata group does not hold".to_owned()
+    })
+}
+
+/// Reads the proxy's state at every scrape.
+struct ProxyCollector {
+    shared: Weak<Shared>,
+}
+
+impl fmt::Debug for ProxyCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProxyCollector")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric family: its rows, each a label set and a value.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels, M)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in rows {
+        if labels.is_empty() {
+            // A metric without labels is the family's only sample.
+            return metric.encode(family);
+        }
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, f64)>,
+) -> fmt::Result {
+    let rows = rows.into_iter().map(|(l, v)| (l, ConstGauge::new(v)));
+    family(encoder, name, help, MetricType::Gauge, rows)
+}
+
+/// A counter (the encoder adds `_total` to its name).
+fn counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, u64)>,
+) -> fmt::Result {
+    let rows = rows.into_iter().map(|(l, v)| (l, ConstCounter::new(v)));
+    family(encoder, name, help, MetricType::Counter, rows)
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        let e = &mut encoder;
+        let max = shared.config.proxy.max_client_connections;
+        gauge(
+            e,
+            "shardline_client_connections",
+            "Client connections logged in or logging in.",
+            [(vec![], f64::from(shared.client_count()))],
+        )?;
+        gauge(
+            e,
+            "shardline_client_connections_max",
+            "The max_client_connections cap.",
+            [(vec![], f64::from(max))],
+        )?;
+        pools(e, &shared)?;
+        servers(e, &shared)?;
+        if let Some(follower) = &shared.follower {
+            let map = follower.map();
+            gauge(
+                e,
+                "shardline_metadata_epoch",
+                "Epoch of the shard map this proxy routes by.",
+                [(vec![], map.epoch.0 as f64)],
+            )?;
+            gauge(
+                e,
+                "shardline_metadata_lease_valid",
+                "1 while this proxy's lease with the metadata group holds.",
+                [(vec![], f64::from(u8::from(follower.is_current())))],
+            )?;
+        }
+        if let Some(cache) = &shared.cache {
+            cache_metrics(e, cache)?;
+        }
+        Ok(())
+    }
+}
+
+/// Server pools: size, connections by state, and bb8's checkout statistics.
+fn pools(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
+    let pools: Vec<_> = shared
+        .pools
+        .all()
+        .into_iter()
+        .map(|((database, user, addr), pool)| {
+            let server = if addr.is_empty() {
+                shared
+                    .database(&database)
+                    .map(|d| format!("{}:{}", d.host, d.port))
+                    .unwrap_or_default()
+            } else {
+                addr
+            };
+            let labels: Labels = vec![("database", database), ("user", user), ("server", server)];
+            (labels, pool.size, pool.state())
+        })
+        .collect();
+    let with = |labels: &Labels, state: &'static str| {
+        let mut l = labels.clone();
+        l.push(("state", state.to_owned()));
+        l
+    };
+    gauge(
+        e,
+        "shardline_pool_size",
+        "Most server connections a pool opens.",
+        pools.iter().map(|(l, size, _)| (l.clone(), f64::from(*size))),
+    )?;
+    gauge(
+        e,
+        "shardline_server_connections",
+        "Server connections of a pool, by state (active: lent to a client).",
+        pools.iter().flat_map(|(l, _, s)| {
+            [
+                (with(l, "idle"), f64::from(s.idle_connections)),
+                (
+                    with(l, "active"),
+                    f64::from(s.connections - s.idle_connections.min(s.connections)),
+                ),
+            ]
+        }),
+    )?;
+    gauge(
+        e,
+        "shardline_pool_waiting",
+        "Checkouts waiting for a server connection now.",
+        pools.iter().map(|(l, _, s)| {
+            let st = &s.statistics;
+            let done = st.get_direct + st.get_waited + st.get_timed_out;
+            (l.clone(), st.get_started.saturating_sub(done) as f64)
+        }),
+    )?;
+    counter(
+        e,
+        "shardline_pool_checkouts",
+        "Checkouts finished: at once, after waiting, or timed out (SQLSTATE 53300).",
+        pools.iter().flat_map(|(l, _, s)| {
+            let st = &s.statistics;
+            [
+                (with(l, "direct"), st.get_direct),
+                (with(l, "waited"), st.get_waited),
+                (with(l, "timed_out"), st.get_timed_out),
+            ]
+        }),
+    )?;
+    let wait = pools
+        .iter()
+        .map(|(l, _, s)| (l.clone(), ConstCounter::new(s.statistics.get_wait_time.as_secs_f64())));
+    family(
+        e,
+        "shardline_pool_checkout_wait_seconds",
+        "Time checkouts spent waiting for a server connection.",
+        MetricType::Counter,
+        wait,
+    )?;
+    counter(
+        e,
+        "shardline_server_connections_opened",
+        "Server connections opened by a pool.",
+        pools
+            .iter()
+            .map(|(l, _, s)| (l.clone(), s.statistics.connections_created)),
+    )
+}
+
+/// Every server of the shard map as the health monitors see it.
+fn servers(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
+    let mut up = Vec::new();
+    let mut breaker = Vec::new();
+    let mut lag_bytes = Vec::new();
+    let mut lag_seconds = Vec::new();
+    for shard in shared.backends.all() {
+        for node in &shard.nodes {
+            let s = node.state();
+            let labels: Labels = vec![
+                ("shard", shard.id.to_string()),
+                ("server", node.addr.clone()),
+                ("role", node.role_name().to_owned()),
+            ];
+            let is_up = s.open_until.is_none() && s.sampled_at.is_some();
+            up.push((labels.clone(), f64::from(u8::from(is_up))));
+            breaker.push((labels.clone(), f64::from(u8::from(s.open_until.is_some()))));
+            if let (Some(true), Some(at)) = (s.in_recovery, s.sampled_at) {
+                let (bytes, time) = shard.lag_of(s.lsn, at);
+                lag_bytes.push((labels.clone(), bytes as f64));
+                lag_seconds.push((labels, time.as_secs_f64()));
+            }
+        }
+    }
+    gauge(
+        e,
+        "shardline_server_up",
+        "1 when the server's last health check succeeded and its breaker is closed.",
+        up,
+    )?;
+    gauge(
+        e,
+        "shardline_server_breaker_open",
+        "1 while the server's circuit breaker is open (no traffic is sent to it).",
+        breaker,
+    )?;
+    gauge(
+        e,
+        "shardline_replica_lag_bytes",
+        "WAL bytes a replica has not replayed yet.",
+        lag_bytes,
+    )?;
+    gauge(
+        e,
+        "shardline_replica_lag_seconds",
+        "How far behind its primary a replica's replay is.",
+        lag_seconds,
+    )
+}
+
+fn cache_metrics(
+    e: &mut DescriptorEncoder<'_>,
+    cache: &crate::result_cache::ResultCache,
+) -> fmt::Result {
+    let s = cache.stats();
+    let kinds: [(&str, &str, u64); 9] = [
+        ("hits", "Point reads answered from the cache.", s.hits),
+        ("misses", "Cacheable point reads sent to the server.", s.misses),
+        ("fills", "Replies stored.", s.fills),
+        (
+            "fills_stale",
+            "Replies not stored: a write to their key was acknowledged while they were read.",
+            s.fills_stale,
+        ),
+        (
+            "fills_too_large",
+            "Replies not stored: larger than entry_bytes_max.",
+            s.fills_too_large,
+        ),
+        ("evictions", "Entries dropped to stay under max_bytes.", s.evictions),
+        ("expirations", "Entries dropped at their TTL or TTI.", s.expirations),
+        (
+            "key_invalidations",
+            "Writes that invalidated one key.",
+            s.key_invalidations,
+        ),
+        (
+            "table_invalidations",
+            "Writes that invalidated a whole table.",
+            s.table_invalidations,
+        ),
+    ];
+    for (kind, help, value) in kinds {
+        counter(e, &format!("shardline_cache_{kind}"), help, [(vec![], value)])?;
+    }
+    gauge(
+        e,
+        "shardline_cache_entries",
+        "Entries in the cache.",
+        [(vec![], s.entries as f64)],
+    )?;
+    gauge(
+        e,
+        "shardline_cache_bytes",
+        "Weight of the cache's entries (replies, keys and bookkeeping).",
+        [(vec![], s.bytes as f64)],
+    )?;
+    let feeds = cache.feeds();
+    gauge(
+        e,
+        "shardline_cache_feed_connected",
+        "1 while the WAL change feed of a shard primary is connected (else reads bypass the cache).",
+        feeds
+            .iter()
+            .map(|f| (vec![("server", f.addr.clone())], f64::from(u8::from(f.connected())))),
+    )
+}
