@@ -119,6 +119,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let addr = proxy.local_addr()?;
     println!("postgres://{USER}:{password}@{addr}/{DATABASE}");
     println!("metadata: {}", meta.addr());
+    if let Some(metrics) = proxy.metrics_addr() {
+        println!("metrics: http://{metrics}/metrics");
+    }
     for shard in &shards {
         eprintln!(
             "shardline dev: shard {} is PostgreSQL on 127.0.0.1:{} (data in {})",
