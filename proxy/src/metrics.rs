@@ -99,7 +99,9 @@ fn answer(
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
         if let Ok(value) = content_type.parse() {
-            response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+            response
+                .headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, value);
         }
         response
     };
@@ -112,7 +114,11 @@ fn answer(
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, registry) {
                 Ok(()) => reply(StatusCode::OK, TEXT_FORMAT, body),
-                Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, text, "encoding failed\n".into()),
+                Err(_) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    text,
+                    "encoding failed\n".into(),
+                ),
             }
         }
         "/healthz" => reply(StatusCode::OK, text, "ok\n".into()),
@@ -132,9 +138,8 @@ fn answer(
 /// Why the proxy cannot serve clients correctly now, if it cannot.
 fn not_ready(shared: &Shared) -> Option<String> {
     let follower = shared.follower.as_ref()?;
-    (!follower.is_current()).then(|| {
-        "no current shard map: the lease with the metadata group does not hold".to_owned()
-    })
+    (!follower.is_current())
+        .then(|| "no current shard map: the lease with the metadata group does not hold".to_owned())
 }
 
 /// Reads the proxy's state at every scrape.
@@ -261,7 +266,9 @@ fn pools(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
         e,
         "shardline_pool_size",
         "Most server connections a pool opens.",
-        pools.iter().map(|(l, size, _)| (l.clone(), f64::from(*size))),
+        pools
+            .iter()
+            .map(|(l, size, _)| (l.clone(), f64::from(*size))),
     )?;
     gauge(
         e,
@@ -300,9 +307,12 @@ fn pools(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
             ]
         }),
     )?;
-    let wait = pools
-        .iter()
-        .map(|(l, _, s)| (l.clone(), ConstCounter::new(s.statistics.get_wait_time.as_secs_f64())));
+    let wait = pools.iter().map(|(l, _, s)| {
+        (
+            l.clone(),
+            ConstCounter::new(s.statistics.get_wait_time.as_secs_f64()),
+        )
+    });
     family(
         e,
         "shardline_pool_checkout_wait_seconds",
@@ -377,7 +387,11 @@ fn cache_metrics(
     let s = cache.stats();
     let kinds: [(&str, &str, u64); 9] = [
         ("hits", "Point reads answered from the cache.", s.hits),
-        ("misses", "Cacheable point reads sent to the server.", s.misses),
+        (
+            "misses",
+            "Cacheable point reads sent to the server.",
+            s.misses,
+        ),
         ("fills", "Replies stored.", s.fills),
         (
             "fills_stale",
@@ -389,8 +403,16 @@ fn cache_metrics(
             "Replies not stored: larger than entry_bytes_max.",
             s.fills_too_large,
         ),
-        ("evictions", "Entries dropped to stay under max_bytes.", s.evictions),
-        ("expirations", "Entries dropped at their TTL or TTI.", s.expirations),
+        (
+            "evictions",
+            "Entries dropped to stay under max_bytes.",
+            s.evictions,
+        ),
+        (
+            "expirations",
+            "Entries dropped at their TTL or TTI.",
+            s.expirations,
+        ),
         (
             "key_invalidations",
             "Writes that invalidated one key.",
@@ -403,7 +425,12 @@ fn cache_metrics(
         ),
     ];
     for (kind, help, value) in kinds {
-        counter(e, &format!("shardline_cache_{kind}"), help, [(vec![], value)])?;
+        counter(
+            e,
+            &format!("shardline_cache_{kind}"),
+            help,
+            [(vec![], value)],
+        )?;
     }
     gauge(
         e,

@@ -89,7 +89,11 @@ async fn metrics_parse_and_follow_known_traffic() {
     let open = sum(&after, "shardline_server_connections", &pool);
     assert!((1.0..=3.0).contains(&open), "{open} server connections");
     assert_eq!(
-        sum(&after, "shardline_server_connections", &[("state", "active")]),
+        sum(
+            &after,
+            "shardline_server_connections",
+            &[("state", "active")]
+        ),
         0.0,
         "a connection stayed lent out between transactions"
     );
@@ -97,7 +101,10 @@ async fn metrics_parse_and_follow_known_traffic() {
 
     // A second client is counted while it is connected.
     let second = env.client().await;
-    assert_eq!(sum(&scrape(addr).await, "shardline_client_connections", &[]), 2.0);
+    assert_eq!(
+        sum(&scrape(addr).await, "shardline_client_connections", &[]),
+        2.0
+    );
     drop(second);
 
     assert_eq!(get(addr, "/healthz").await.0, 200);
