@@ -46,6 +46,9 @@ enum Command {
     Meta(meta::MetaArgs),
     /// Inspect and change the shard map.
     Admin(admin::AdminArgs),
+    /// Load-test targets (by default the dev cluster's PostgreSQL and proxy)
+    /// and compare them.
+    Bench(benches::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Dev(args) => runtime(0)?.block_on(dev::run(args)),
         Command::Meta(args) => runtime(0)?.block_on(meta::run(args)),
+        Command::Bench(args) => runtime(0)?.block_on(benches::main(args)).map(drop),
         Command::Admin(args) => match runtime(1)?.block_on(admin::run(args)) {
             Ok(()) => Ok(()),
             Err(e) => match admin::explain(&e) {

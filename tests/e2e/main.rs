@@ -2,6 +2,7 @@
 //! proxy, driven by tokio-postgres, raw protocol bytes, psql and pgbench.
 
 mod auth;
+mod bench;
 mod cache;
 mod harness;
 mod meta_cli;
