@@ -272,11 +272,7 @@ fn show_shards(shared: &Shared, out: &mut BytesMut) {
                 None => "unknown",
             };
             let takes_writes = primary.as_ref().is_some_and(|p| p.addr == node.addr);
-            let state = match (s.open_until.is_some(), s.sampled_at) {
-                (true, _) => "down",
-                (false, Some(_)) => "up",
-                (false, None) => "unknown",
-            };
+            let state = s.health();
             let breaker = match s.open_until {
                 Some(until) => format!(
                     "open ({} ms)",
@@ -284,14 +280,9 @@ fn show_shards(shared: &Shared, out: &mut BytesMut) {
                 ),
                 None => "closed".to_owned(),
             };
-            let (lag_bytes, lag_ms) = match (s.in_recovery, s.sampled_at) {
-                (Some(true), Some(at)) => {
-                    let (bytes, time) = shard.lag_of(s.lsn, at);
-                    (Some(bytes.to_string()), Some(time.as_millis().to_string()))
-                }
-                (Some(false), _) => (Some("0".to_owned()), Some("0".to_owned())),
-                _ => (None, None),
-            };
+            let lag = shard.lag(&s);
+            let lag_bytes = lag.map(|(bytes, _)| bytes.to_string());
+            let lag_ms = lag.map(|(_, time)| time.as_millis().to_string());
             let map_role = if node.map_primary {
                 "primary"
             } else {

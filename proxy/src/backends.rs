@@ -60,6 +60,17 @@ pub struct NodeState {
     pub last_error: Option<String>,
 }
 
+impl NodeState {
+    /// "down" (breaker open), "up" (a probe answered), or "unknown" (none yet).
+    pub fn health(&self) -> &'static str {
+        match (self.open_until.is_some(), self.sampled_at) {
+            (true, _) => "down",
+            (false, Some(_)) => "up",
+            (false, None) => "unknown",
+        }
+    }
+}
+
 impl Node {
     /// A copy of what the probes said (allocates: for reports, not routing).
     pub fn state(&self) -> NodeState {
@@ -208,6 +219,16 @@ impl ShardNodes {
             .find(|(_, primary)| *primary > lsn)
             .map_or(Duration::ZERO, |(t, _)| at.saturating_duration_since(*t));
         (bytes, time)
+    }
+
+    /// [`ShardNodes::lag_of`] a node in state `s`, when it is a replica
+    /// that has been probed; a primary lags by nothing.
+    pub fn lag(&self, s: &NodeState) -> Option<(u64, Duration)> {
+        match (s.in_recovery, s.sampled_at) {
+            (Some(true), Some(at)) => Some(self.lag_of(s.lsn, at)),
+            (Some(false), _) => Some((0, Duration::ZERO)),
+            _ => None,
+        }
     }
 
     /// The LSN of the first primary sample sent after `after`: at or past

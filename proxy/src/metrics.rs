@@ -344,11 +344,9 @@ fn servers(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
                 ("server", node.addr.clone()),
                 ("role", node.role_name().to_owned()),
             ];
-            let is_up = s.open_until.is_none() && s.sampled_at.is_some();
-            up.push((labels.clone(), f64::from(u8::from(is_up))));
+            up.push((labels.clone(), f64::from(u8::from(s.health() == "up"))));
             breaker.push((labels.clone(), f64::from(u8::from(s.open_until.is_some()))));
-            if let (Some(true), Some(at)) = (s.in_recovery, s.sampled_at) {
-                let (bytes, time) = shard.lag_of(s.lsn, at);
+            if let Some((bytes, time)) = shard.lag(&s).filter(|_| s.in_recovery == Some(true)) {
                 lag_bytes.push((labels.clone(), bytes as f64));
                 lag_seconds.push((labels, time.as_secs_f64()));
             }
