@@ -37,6 +37,10 @@
 #                  the newest /usr/lib/postgresql/*/bin]
 #   PGBOUNCER      PgBouncer binary [pgbouncer on PATH, else /usr/sbin/pgbouncer]
 #   KEEP           1 keeps the temporary directory (logs, configs) [0]
+#   PERF_STAT      1 also counts each proxy's system calls and context
+#                  switches per transaction with `perf stat` (needs perf and
+#                  perf_event_paranoid <= 2); they explain most of the CPU gap
+#                  between two proxies that user-space profiles do not show [0]
 #
 # Needs: pgbench, psql, PgBouncer, PostgreSQL server binaries, Linux /proc.
 # When run as root, PostgreSQL and PgBouncer run as the `postgres` OS user
@@ -57,6 +61,7 @@ STORM_JOBS=${STORM_JOBS:-$STORM_CLIENTS}
 STORM_HOLD=${STORM_HOLD:-5}
 STORM_TARGETS=${STORM_TARGETS:-"pgbouncer shardline"}
 KEEP=${KEEP:-0}
+PERF_STAT=${PERF_STAT:-0}
 
 DB=bench
 DB_USER=bench
@@ -382,7 +387,17 @@ for ((r = 0; r < ROUNDS; r++)); do
                 [[ -n $pid ]] && before=$(cpu_ticks "$pid")
                 load=$(loadavg)
                 rc=0
+                perf_pid=
+                if [[ $PERF_STAT == 1 && -n $pid ]]; then
+                    perf stat -x, -o "$f.perf" -p "$pid" \
+                        -e context-switches,raw_syscalls:sys_enter 2>/dev/null &
+                    perf_pid=$!
+                fi
                 run_pgbench "$t" "$f" -S -n -T "$DURATION" -M "$mode" -c "$c" -j "$JOBS" || rc=$?
+                if [[ -n $perf_pid ]]; then
+                    kill -INT "$perf_pid" 2>/dev/null || true
+                    wait "$perf_pid" 2>/dev/null || true
+                fi
                 cpu_us=- rss=-
                 if [[ -n $pid ]]; then
                     kill -0 "$pid" 2>/dev/null || die "$t (pid $pid) died during $f"
@@ -404,7 +419,14 @@ for ((r = 0; r < ROUNDS; r++)); do
                 ((rc == 0)) || problems=$((problems + 1))
                 printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
                     "$r" "$mode" "$c" "$t" "$tps" "$lat" "$txns" "$cpu_us" "$rss" "$problems" >>"$RESULTS"
-                log "round $((r + 1))/$ROUNDS $mode c=$c $t: tps $tps, latency ${lat}ms, cpu/txn ${cpu_us}us, load before $load$( ((problems == 0)) || echo ", problem lines $problems")"
+                perf_note=
+                if [[ -s $f.perf && $txns != 0 ]]; then
+                    perf_note=$(awk -F, -v n="$txns" '
+                        $3 == "context-switches" { cs = $1 }
+                        $3 == "raw_syscalls:sys_enter" { sc = $1 }
+                        END { printf ", syscalls/txn %.2f, context switches/txn %.2f", sc / n, cs / n }' "$f.perf")
+                fi
+                log "round $((r + 1))/$ROUNDS $mode c=$c $t: tps $tps, latency ${lat}ms, cpu/txn ${cpu_us}us$perf_note, load before $load$( ((problems == 0)) || echo ", problem lines $problems")"
             done
         done
     done
