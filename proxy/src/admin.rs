@@ -85,6 +85,7 @@ fn answer(shared: &Shared, sql: &str, out: &mut BytesMut) {
     match command.as_slice() {
         ["SHOW", "SHARDS"] => show_shards(shared, out),
         ["SHOW", "CACHE"] => show_cache(shared, out),
+        ["SHOW", "SLO"] => show_slo(shared, out),
         ["CACHE", verb @ ("ENABLE" | "DISABLE"), _] => {
             // The table name as written (the command was upper-cased).
             let table = sql.split_whitespace().nth(2).unwrap_or_default();
@@ -108,12 +109,57 @@ fn answer(shared: &Shared, sql: &str, out: &mut BytesMut) {
         _ => {
             let message = format!(
                 "unsupported admin console command \"{}\"; the console answers SHOW SHARDS, \
-                 SHOW CACHE, SHOW VERSION, CACHE ENABLE table, CACHE DISABLE table and CACHE FLUSH",
+                 SHOW CACHE, SHOW SLO, SHOW VERSION, CACHE ENABLE table, CACHE DISABLE table and CACHE FLUSH",
                 sql.trim()
             );
             backend::encode_error(out, backend::ERROR_RESPONSE, "ERROR", "0A000", &message);
         }
     }
+}
+
+/// One row per database objective and window: how the last 5 minutes and
+/// the last hour of requests met it.
+fn show_slo(shared: &Shared, out: &mut BytesMut) {
+    rows::encode_text_row_description(
+        out,
+        &[
+            "database",
+            "objective",
+            "target",
+            "window",
+            "statements",
+            "bad",
+            "compliance",
+            "burn_rate",
+            "status",
+        ],
+    );
+    let now = std::time::Instant::now();
+    let mut count = 0;
+    for slo in shared.stats.slos() {
+        for s in slo.standings(now) {
+            count += 1;
+            let status = match (s.statements, s.met()) {
+                (0, _) => "no traffic",
+                (_, true) => "met",
+                (_, false) => "missed",
+            };
+            let fields = [
+                slo.database().to_owned(),
+                s.objective.to_owned(),
+                s.target.clone(),
+                s.window.to_owned(),
+                s.statements.to_string(),
+                s.bad.to_string(),
+                format!("{:.4}%", s.good_ratio * 100.0),
+                format!("{:.3}", s.burn_rate),
+                status.to_owned(),
+            ];
+            let values: Vec<Option<&[u8]>> = fields.iter().map(|f| Some(f.as_bytes())).collect();
+            rows::encode_data_row(out, &values);
+        }
+    }
+    rows::encode_command_complete(out, format!("SHOW {count}").as_bytes());
 }
 
 /// Runs a cache command, or explains that there is no cache.

@@ -33,6 +33,9 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Service-level objectives, per database (`SHOW SLO`, `/metrics`).
+    #[serde(default)]
+    pub slo: Vec<crate::slo::SloConfig>,
 }
 
 /// The operators' HTTP listener: Prometheus `/metrics`, `/healthz`, `/readyz`.
@@ -265,6 +268,11 @@ pub struct ProxyConfig {
     pub client_prepared_statements_max: u32,
     /// Threads serving clients; 0 means one per CPU core.
     pub worker_threads: u32,
+    /// Requests that take at least this long are logged at INFO with their
+    /// route and duration (not their SQL, which is logged at DEBUG only).
+    /// Absent: no slow-statement log.
+    #[serde(with = "humantime_serde")]
+    pub log_min_duration: Option<Duration>,
 }
 
 impl Default for ProxyConfig {
@@ -285,6 +293,7 @@ impl Default for ProxyConfig {
             server_prepared_statements_max: 1000,
             client_prepared_statements_max: 10_000,
             worker_threads: 0,
+            log_min_duration: None,
         }
     }
 }
@@ -462,6 +471,27 @@ impl Config {
                 return invalid(format!(
                     "database \"{}\": pool_size must be at least 1",
                     db.name
+                ));
+            }
+        }
+        let mut seen = HashMap::new();
+        for slo in &self.slo {
+            if !self.databases.iter().any(|d| d.name == slo.database) {
+                return invalid(format!(
+                    "slo for database \"{}\": no such database is configured",
+                    slo.database
+                ));
+            }
+            if seen.insert(slo.database.as_str(), ()).is_some() {
+                return invalid(format!(
+                    "slo for database \"{}\" is listed twice",
+                    slo.database
+                ));
+            }
+            if slo.latency.is_none() && slo.errors.is_none() {
+                return invalid(format!(
+                    "slo for database \"{}\" sets neither latency (\"p99 < 5ms\") nor errors (\"< 0.1%\")",
+                    slo.database
                 ));
             }
         }

@@ -20,6 +20,18 @@ pub enum Kind {
     Internal,
 }
 
+impl Kind {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Client => "client",
+            Kind::Server => "server",
+            Kind::Unavailable => "unavailable",
+            Kind::Internal => "internal",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid frontend message: {0}")]

@@ -23,6 +23,8 @@ pub mod scatter;
 pub mod server;
 pub mod session;
 pub mod shared;
+pub mod slo;
+pub mod statement_stats;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -101,7 +101,15 @@ impl Proxy {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let shared = self.shared.clone();
-                        tokio::spawn(async move { handle(shared, stream, peer).await });
+                        // DEBUG: an enabled span costs an enter and an exit
+                        // per poll, about 600 instructions per transaction.
+                        let span = tracing::debug_span!(
+                            "session",
+                            client = %peer,
+                            database = tracing::field::Empty,
+                            user = tracing::field::Empty,
+                        );
+                        tokio::spawn(tracing::Instrument::instrument(handle(shared, stream, peer), span));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -135,6 +143,9 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
         }
     };
     let (slot, process_id, cbuf, pool, startup_params, cancel_target, (database, user)) = login;
+    let span = tracing::Span::current();
+    span.record("database", database.as_str());
+    span.record("user", user.name.as_str());
     let session = Session::new(
         shared.clone(),
         Login {

@@ -234,8 +234,80 @@ impl Collector for ProxyCollector {
         if let Some(cache) = &shared.cache {
             cache_metrics(e, cache)?;
         }
-        Ok(())
+        statements(e, &shared)
     }
+}
+
+/// A histogram's figures read at scrape time.
+#[derive(Debug)]
+struct ConstHistogram(crate::statement_stats::HistogramSnapshot);
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> fmt::Result {
+        let s = &self.0;
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            s.sum_seconds,
+            s.count,
+            &s.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Request latency by route, errors by SQLSTATE class, SLO burn rates.
+fn statements(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
+    let stats = &shared.stats;
+    let rows = stats.histograms().into_iter().map(|(database, route, h)| {
+        let labels: Labels = vec![
+            ("database", database),
+            ("shard", route.shard.to_string()),
+            ("role", route.role.as_str().to_owned()),
+            ("cached", route.cached.to_string()),
+        ];
+        (labels, ConstHistogram(h))
+    });
+    family(
+        e,
+        "shardline_statement_duration_seconds",
+        "Requests from their first message to their ReadyForQuery, by route: shard (home \
+         without a shard map, all when fanned out), role (primary, replica, or proxy when \
+         answered without a server) and whether the cache answered.",
+        MetricType::Histogram,
+        rows,
+    )?;
+    counter(
+        e,
+        "shardline_errors",
+        "ErrorResponses sent to clients, by SQLSTATE class and kind (postgres: raised by \
+         PostgreSQL; client, server, unavailable, internal: by the proxy).",
+        stats.errors().into_iter().map(|(class, kind, n)| {
+            let labels: Labels = vec![("class", class), ("kind", kind.to_owned())];
+            (labels, n)
+        }),
+    )?;
+    let now = std::time::Instant::now();
+    let mut burn = Vec::new();
+    for slo in stats.slos() {
+        for s in slo.standings(now) {
+            let labels: Labels = vec![
+                ("database", slo.database().to_owned()),
+                ("objective", s.objective.to_owned()),
+                ("window", s.window.to_owned()),
+            ];
+            burn.push((labels, s.burn_rate));
+        }
+    }
+    gauge(
+        e,
+        "shardline_slo_burn_rate",
+        "How fast each SLO's error budget is being spent over the window: the share of bad \
+         statements over the share the objective allows (above 1: the objective is missed).",
+        burn,
+    )
 }
 
 /// Server pools: size, connections by state, and bb8's checkout statistics.

@@ -86,6 +86,8 @@ pub struct Sink<'a> {
     pub flush_bytes: usize,
     /// An ErrorResponse was sent: an extended batch now skips to its Sync.
     pub errored: bool,
+    /// The SQLSTATE of the first ErrorResponse sent.
+    pub error_code: Option<[u8; 5]>,
 }
 
 impl Sink<'_> {
@@ -649,6 +651,13 @@ fn emit_row(out: &mut BytesMut, head: &Head, visible: usize, hidden: usize) {
 
 fn forward_error(sink: &mut Sink<'_>, frame: Frame) -> Result<()> {
     sink.out.extend_from_slice(frame.as_bytes());
+    if sink.error_code.is_none() {
+        let code = backend::ErrorFields::decode(frame.body()).ok();
+        sink.error_code = Some(
+            code.and_then(|f| f.code.try_into().ok())
+                .unwrap_or(*b"XX000"),
+        );
+    }
     sink.errored = true;
     Ok(())
 }

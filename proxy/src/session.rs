@@ -29,10 +29,13 @@ use crate::pool::{Pool, Pooled};
 use crate::result_cache::{Fill, Invalidations, PointRead, ResultCache};
 use crate::server::{statement_name, ParamState};
 use crate::shared::Shared;
+use crate::slo::SloWindow;
+use crate::statement_stats::{LatencyHistogram, Route, KIND_POSTGRES};
 use router::{SessionEffect, ShardId};
 
 mod copy_in;
 mod routing;
+mod timing;
 
 /// DataRow and CopyData frames above this size are streamed, not buffered.
 pub const STREAM_THRESHOLD: usize = 64 << 10;
@@ -119,6 +122,24 @@ fn fill_with(fill: &mut Option<Fill>, cache: Option<&ResultCache>, tag: u8, fram
         }
         _ => *fill = None,
     }
+}
+
+/// A request in flight: from the client's first message of it to the
+/// ReadyForQuery that ends it (a simple Query, or an extended-protocol
+/// batch up to its Sync, with whatever the client pipelined meanwhile).
+struct InFlight {
+    started: std::time::Instant,
+    /// The client has sent the Sync or Query that ends it: what it sends
+    /// next is another request.
+    closed: bool,
+    /// An ErrorResponse reached the client.
+    failed: bool,
+    /// Answered from the cache; the shard it holds the row of.
+    cache_hit: Option<u32>,
+    /// Ran on several shards.
+    multi: bool,
+    /// With DEBUG logging: the statement's span, with its SQL.
+    span: Option<tracing::Span>,
 }
 
 /// A client's named prepared statement.
@@ -217,6 +238,15 @@ pub struct Session {
     fill: Option<Fill>,
     /// What this transaction's writes invalidate in the cache when it ends.
     cache_writes: Invalidations,
+    in_flight: Option<InFlight>,
+    /// A request the client pipelined behind the one in flight (later ones
+    /// join it).
+    queued: Option<InFlight>,
+    /// The latency histogram of the last request's route (looked up again
+    /// only when the route changes).
+    route_histogram: Option<(Route, Arc<LatencyHistogram>)>,
+    /// The database's SLO window, when it has objectives.
+    slo: Option<Arc<SloWindow>>,
 }
 
 /// What a session knows of its last write on a shard.
@@ -257,6 +287,7 @@ impl Session {
     pub fn new(shared: Arc<Shared>, login: Login) -> Session {
         let mode = login.pool.mode;
         let read_from = shared.config.replicas.read_from;
+        let slo = shared.stats.slo(&login.database);
         Session {
             shared,
             client: login.client,
@@ -306,6 +337,10 @@ impl Session {
             point_read: None,
             fill: None,
             cache_writes: Invalidations::default(),
+            in_flight: None,
+            queued: None,
+            route_histogram: None,
+            slo,
         }
     }
 
@@ -315,7 +350,7 @@ impl Session {
         if let Err(e) = &result {
             if !matches!(e, Error::ClientIo(_)) {
                 // After whatever replies are already due; `finish` writes them out.
-                e.encode(&mut self.cout);
+                self.send_error(e);
             }
         }
         self.finish().await;
@@ -601,9 +636,9 @@ impl Session {
             self.aborted_locally = true;
             self.txn_status = TransactionStatus::Failed;
         }
-        e.encode(&mut self.cout);
+        self.send_error(&e);
         if tag == frontend::QUERY || tag == frontend::SYNC {
-            backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+            self.ready_for_query(self.txn_status);
         } else {
             self.skipping_to_sync = true;
         }
@@ -677,6 +712,7 @@ impl Session {
 
     async fn on_client_frame(&mut self, frame: Frame) -> Result<()> {
         let tag = frame.tag();
+        self.track_request(&frame);
         // A read may be sent again only while it is the only thing in
         // flight: anything behind it would be lost or answered out of order.
         // The rest of its own extended-protocol batch joins it.
@@ -697,7 +733,7 @@ impl Session {
         if self.skipping_to_sync {
             if tag == frontend::SYNC {
                 self.skipping_to_sync = false;
-                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                self.ready_for_query(self.txn_status);
             }
             return Ok(());
         }
@@ -715,9 +751,9 @@ impl Session {
         }
         if let Err(e) = self.check_map_current(&frame) {
             // Before anything reaches a server: the statement is not run.
-            e.encode(&mut self.cout);
+            self.send_error(&e);
             if tag == frontend::QUERY {
-                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                self.ready_for_query(self.txn_status);
             } else {
                 self.skipping_to_sync = true;
             }
@@ -747,7 +783,7 @@ impl Session {
                 | frontend::COPY_DONE
                 | frontend::COPY_FAIL => return Ok(()),
                 frontend::SYNC => {
-                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                    self.ready_for_query(self.txn_status);
                     return Ok(());
                 }
                 frontend::CLOSE => {
@@ -1216,6 +1252,14 @@ impl Session {
                     self.cout.extend_from_slice(&conn.buf[..frame_len]);
                 }
             }
+            if tag == backend::ERROR_RESPONSE && d.forward {
+                let body = &conn.buf[wire::HEADER_LEN..frame_len];
+                let code = backend::ErrorFields::decode(body).map_or(&b""[..], |f| f.code);
+                self.shared.stats.count_error(code, KIND_POSTGRES);
+                if let Some(request) = &mut self.in_flight {
+                    request.failed = true;
+                }
+            }
             let status = match tag {
                 backend::READY_FOR_QUERY => Some(TransactionStatus::decode(
                     &conn.buf[wire::HEADER_LEN..frame_len],
@@ -1232,6 +1276,9 @@ impl Session {
             }
             if let Some(status) = status {
                 self.on_ready(status);
+                if d.forward {
+                    self.request_answered();
+                }
             }
         }
     }

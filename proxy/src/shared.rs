@@ -23,6 +23,8 @@ pub struct Shared {
     pub backends: crate::backends::Backends,
     /// The point-read cache (with a shard map only).
     pub cache: Option<Arc<crate::result_cache::ResultCache>>,
+    /// Request latency by route, errors by SQLSTATE class, SLO windows.
+    pub stats: crate::statement_stats::StatementStats,
     /// Per-process secret that makes SCRAM exchanges for unknown users look real.
     pub mock_nonce: [u8; 32],
     clients: AtomicU32,
@@ -45,7 +47,11 @@ impl Shared {
                 probe,
             ))
         });
+        let stats = crate::statement_stats::StatementStats::new(
+            config.slo.iter().cloned().map(crate::slo::SloWindow::new),
+        );
         Shared {
+            stats,
             cache,
             backends,
             config,

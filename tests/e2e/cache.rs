@@ -22,6 +22,9 @@ max_stream_lag = "5s"
 name = "ops"
 auth = "trust"
 admin = true
+
+[admin]
+listen = "127.0.0.1:0"
 "#;
 
 /// Two shards, `accounts(id, balance)` sharded by id with ids 1..=200
@@ -64,6 +67,46 @@ async fn cached_env_with(pool_mode: &'static str) -> ShardedEnv {
         wait_hit(&env.addr, &env.client().await, 200).await;
     }
     env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_timed_by_shard_and_cache_hits_as_answered_by_the_proxy() {
+    use crate::metrics::{scrape, sum};
+    let env = cached_env().await;
+    let metrics = env.metrics.expect("the metrics listener is bound");
+    let owner = env
+        .owner("accounts", &router::hash::KeyValue::Int8(77))
+        .0
+        .to_string();
+    let client = env.client().await;
+    let count = |s: &prometheus_parse::Scrape, shard: &str, role: &str, cached: &str| {
+        let route = [("shard", shard), ("role", role), ("cached", cached)];
+        sum(s, "shardline_statement_duration_seconds_count", &route)
+    };
+    let before = scrape(metrics).await;
+    let hits_before = cache_count(&env.addr, "hits").await;
+    // Misses (filled from the owner's primary) until the cache answers.
+    let mut reads = 0;
+    while cache_count(&env.addr, "hits").await == hits_before {
+        assert!(reads < 200, "the cache never answered");
+        balance(&client, 77).await;
+        reads += 1;
+    }
+    client
+        .simple_query("SELECT count(*) FROM accounts")
+        .await
+        .expect("scatter");
+    let after = scrape(metrics).await;
+    let delta = |shard: &str, role: &str, cached: &str| {
+        count(&after, shard, role, cached) - count(&before, shard, role, cached)
+    };
+    assert_eq!(
+        delta(&owner, "primary", "false"),
+        f64::from(reads - 1),
+        "misses on shard {owner}"
+    );
+    assert_eq!(delta(&owner, "proxy", "true"), 1.0, "the hit");
+    assert_eq!(delta("all", "primary", "false"), 1.0, "the fan-out");
 }
 
 /// Waits until a point read through `client` (of the proxy at `addr`) is

@@ -20,7 +20,9 @@ use testkit::Cluster;
 use tokio::sync::oneshot;
 use tokio_postgres::Client;
 
-use crate::harness::{connect, eventually, start_proxy, Options, APP_PASSWORD};
+use crate::harness::{
+    connect, eventually, start_proxy, start_proxy_with_metrics, Options, APP_PASSWORD,
+};
 
 /// The proxy's id in the metadata group's registry.
 const PROXY_ID: &str = "sharded-env-proxy";
@@ -33,6 +35,8 @@ pub struct ShardedEnv {
     pub meta: MetaClient,
     /// The proxy; clients log in as `app` to database `db`.
     pub addr: SocketAddr,
+    /// Its metrics listener, when the sections have an `[admin]` one.
+    pub metrics: Option<SocketAddr>,
     /// The config of a second proxy on the same shards and metadata group.
     second_config: String,
     /// The map as last read back by the harness (after start and each `declare`).
@@ -127,13 +131,14 @@ proxy_id = "{PROXY_ID}"
             home_port = pg[0].port(),
             meta_addr = node.addr(),
         );
-        let (addr, stop) = start_proxy(&config).await;
+        let (addr, metrics, stop) = start_proxy_with_metrics(&config).await;
         let second_config = config.replace(PROXY_ID, "sharded-env-second-proxy");
 
         let env = ShardedEnv {
             pg,
             meta,
             addr,
+            metrics,
             map: Mutex::new(Arc::default()),
             second_config,
             node: Some(node),

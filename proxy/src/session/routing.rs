@@ -198,7 +198,7 @@ fn read_from_setting(sql: &str) -> Option<Result<Option<ReadFrom>, String>> {
 }
 
 /// The query text of a Parse definition (query, NUL, parameter types).
-fn definition_sql(definition: &[u8]) -> &[u8] {
+pub(super) fn definition_sql(definition: &[u8]) -> &[u8] {
     let end = definition
         .iter()
         .position(|&b| b == 0)
@@ -789,7 +789,7 @@ impl Session {
             return match applied {
                 Ok(()) => {
                     rows::encode_command_complete(&mut self.cout, b"SET");
-                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                    self.ready_for_query(self.txn_status);
                     Ok(())
                 }
                 Err(why) => self.fail(Error::Refused(why), frontend::QUERY).await,
@@ -802,7 +802,7 @@ impl Session {
                     self.begin_read_only = router::begin_read_only(sql);
                     self.txn_status = TransactionStatus::InTransaction;
                     rows::encode_command_complete(&mut self.cout, b"BEGIN");
-                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                    self.ready_for_query(self.txn_status);
                     return Ok(());
                 }
                 (word @ (TxnWord::Commit | TxnWord::Rollback), _, Some(_)) => {
@@ -815,7 +815,7 @@ impl Session {
                         b"ROLLBACK"
                     };
                     rows::encode_command_complete(&mut self.cout, tag);
-                    backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                    self.ready_for_query(self.txn_status);
                     return Ok(());
                 }
                 _ => {}
@@ -944,7 +944,8 @@ impl Session {
         let identity = identity.unwrap_or_else(|| self.cache_identity(kind, text));
         if let Some(reply) = cache.store.get(&identity) {
             self.cout.extend_from_slice(&reply);
-            backend::encode_ready_for_query(&mut self.cout, TransactionStatus::Idle);
+            self.note_cache_hit(shard.0);
+            self.ready_for_query(TransactionStatus::Idle);
             return CacheStep::Hit;
         }
         self.fill = Some(Fill {
@@ -1017,7 +1018,8 @@ impl Session {
         }
         cache.store.count_hit();
         self.cout.extend_from_slice(&reply);
-        backend::encode_ready_for_query(&mut self.cout, TransactionStatus::Idle);
+        self.note_cache_hit(origin.shard);
+        self.ready_for_query(TransactionStatus::Idle);
         ControlFlow::Break(())
     }
 
@@ -1064,7 +1066,7 @@ impl Session {
         self.apply_cache_writes();
         match result {
             Ok(_) => {
-                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                self.ready_for_query(self.txn_status);
                 Ok(())
             }
             Err(e) => self.report(e, frontend::QUERY),
@@ -1111,6 +1113,7 @@ impl Session {
             out: &mut self.cout,
             flush_bytes,
             errored: false,
+            error_code: None,
         };
         match job {
             MultiJob::Scatter(plan, table) => {
@@ -1125,7 +1128,9 @@ impl Session {
             }
             MultiJob::CopyIn(_) => return Err(Error::Refused("COPY runs on its own path".into())),
         }
-        Ok(sink.errored)
+        let (errored, code) = (sink.errored, sink.error_code);
+        self.note_multi(code.as_ref().map(|c| &c[..]));
+        Ok(errored)
     }
 
     async fn on_bind_routed(&mut self, frame: &Frame, map: &Arc<ShardMap>) -> Result<()> {
@@ -1402,7 +1407,7 @@ impl Session {
         let errored = self.run_multi_batch().await?;
         if frame.tag() == frontend::SYNC {
             self.skipping_to_sync = false;
-            backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+            self.ready_for_query(self.txn_status);
             return Ok(true);
         }
         if errored {
@@ -1497,7 +1502,7 @@ impl Session {
             (TxnWord::Commit | TxnWord::Rollback, frontend::QUERY) => {
                 self.end_aborted();
                 rows::encode_command_complete(&mut self.cout, b"ROLLBACK");
-                backend::encode_ready_for_query(&mut self.cout, self.txn_status);
+                self.ready_for_query(self.txn_status);
                 Ok(true)
             }
             (TxnWord::Commit | TxnWord::Rollback, frontend::BIND) => {

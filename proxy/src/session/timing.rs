@@ -1,0 +1,218 @@
+//! Request timing: each request's latency by route, its errors, its SLO
+//! window, its span (DEBUG) and the slow-statement log (INFO).
+//!
+//! A request starts with the client's first message of it (a Query, or the
+//! first extended-protocol message after a ReadyForQuery) and ends with the
+//! ReadyForQuery that answers it, before the server connection goes back to
+//! its pool, so its shard and role are still at hand. One request the
+//! client pipelines behind it is timed from its own first message.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::field::{display, Empty};
+use wire::frontend;
+use wire::Frame;
+
+use super::{InFlight, Session};
+use crate::error::Error;
+use crate::statement_stats::{Route, RouteRole, RouteShard};
+use wire::backend::{self, TransactionStatus};
+
+/// The SQL text put in a statement span is cut at this many bytes.
+const SPAN_SQL_BYTES_MAX: usize = 4096;
+
+impl Session {
+    /// Starts timing a request at its first message, and notes its end
+    /// (Sync, Query) as sent.
+    pub(super) fn track_request(&mut self, frame: &Frame) {
+        let tag = frame.tag();
+        let starts = matches!(
+            tag,
+            frontend::QUERY
+                | frontend::PARSE
+                | frontend::BIND
+                | frontend::DESCRIBE
+                | frontend::EXECUTE
+                | frontend::FUNCTION_CALL
+        );
+        match (&self.in_flight, &self.queued) {
+            (None, _) if starts => self.in_flight = Some(self.new_request(frame)),
+            (Some(r), None) if starts && r.closed => self.queued = Some(self.new_request(frame)),
+            _ => {}
+        }
+        if matches!(
+            tag,
+            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
+        ) {
+            if let Some(r) = self.queued.as_mut().or(self.in_flight.as_mut()) {
+                r.closed = true;
+            }
+        }
+    }
+
+    /// ReadyForQuery to the client, ending the request in flight.
+    pub(super) fn ready_for_query(&mut self, status: TransactionStatus) {
+        backend::encode_ready_for_query(&mut self.cout, status);
+        self.request_answered();
+    }
+
+    /// The request in flight got its ReadyForQuery: it is recorded, and the
+    /// one pipelined behind it is in flight now.
+    pub(super) fn request_answered(&mut self) {
+        if let Some(request) = self.in_flight.take() {
+            self.record(request);
+        }
+        self.in_flight = self.queued.take();
+    }
+
+    fn new_request(&self, frame: &Frame) -> InFlight {
+        let span =
+            tracing::enabled!(target: "shardline::statement", tracing::Level::DEBUG).then(|| {
+                let sql = self.request_sql(frame);
+                tracing::debug_span!(
+                    target: "shardline::statement",
+                    "statement",
+                    sql = %sql,
+                    shard = Empty,
+                    role = Empty,
+                    cached = Empty,
+                    failed = Empty,
+                    duration_us = Empty,
+                )
+            });
+        InFlight {
+            started: Instant::now(),
+            closed: false,
+            failed: false,
+            cache_hit: None,
+            multi: false,
+            span,
+        }
+    }
+
+    /// The SQL of the request that `frame` starts, for its span: a Query's
+    /// or Parse's text, a Bind's statement text.
+    fn request_sql(&self, frame: &Frame) -> String {
+        let body = frame.body();
+        let text: &[u8] = match frame.tag() {
+            frontend::QUERY => body.strip_suffix(&[0]).unwrap_or(body),
+            frontend::PARSE => frontend::Parse::decode(body).map_or(&[][..], |p| p.query),
+            frontend::BIND => match frontend::Bind::decode(body) {
+                Ok(bind) if bind.statement.is_empty() => self
+                    .unnamed
+                    .as_ref()
+                    .map_or(&[][..], |s| super::routing::definition_sql(&s.definition)),
+                Ok(bind) => self
+                    .statements
+                    .get(bind.statement)
+                    .map_or(&[][..], |s| super::routing::definition_sql(&s.definition)),
+                Err(_) => &[],
+            },
+            _ => &[],
+        };
+        let text = &text[..text.len().min(SPAN_SQL_BYTES_MAX)];
+        String::from_utf8_lossy(text).into_owned()
+    }
+
+    /// The request was answered from the cache, from `shard`'s rows.
+    pub(super) fn note_cache_hit(&mut self, shard: u32) {
+        if let Some(request) = &mut self.in_flight {
+            request.cache_hit = Some(shard);
+        }
+    }
+
+    /// The request ran on several shards; `code`: the SQLSTATE of the error
+    /// the client got from one of them.
+    pub(super) fn note_multi(&mut self, code: Option<&[u8]>) {
+        if let Some(code) = code {
+            self.shared
+                .stats
+                .count_error(code, crate::statement_stats::KIND_POSTGRES);
+        }
+        if let Some(request) = &mut self.in_flight {
+            request.multi = true;
+            request.failed |= code.is_some();
+        }
+    }
+
+    /// Sends the client the ErrorResponse for `e`, counted.
+    pub(super) fn send_error(&mut self, e: &Error) {
+        self.shared
+            .stats
+            .count_error(e.sqlstate().as_bytes(), e.kind().as_str());
+        if let Some(request) = &mut self.in_flight {
+            request.failed = true;
+        }
+        e.encode(&mut self.cout);
+    }
+
+    fn route_of(&self, request: &InFlight) -> Route {
+        let (shard, role) = if let Some(shard) = request.cache_hit {
+            (RouteShard::Shard(shard), RouteRole::Proxy)
+        } else if request.multi {
+            (RouteShard::All, RouteRole::Primary)
+        } else if self.server.is_some() {
+            let shard = self
+                .server_shard
+                .map_or(RouteShard::Home, |s| RouteShard::Shard(s.0));
+            let replica = self
+                .server_hold
+                .as_ref()
+                .is_some_and(|h| h.node().in_recovery() == Some(true));
+            let role = if replica {
+                RouteRole::Replica
+            } else {
+                RouteRole::Primary
+            };
+            (shard, role)
+        } else {
+            (RouteShard::Home, RouteRole::Proxy)
+        };
+        Route {
+            shard,
+            role,
+            cached: request.cache_hit.is_some(),
+        }
+    }
+
+    fn record(&mut self, request: InFlight) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(request.started);
+        let route = self.route_of(&request);
+        match &self.route_histogram {
+            Some((last, histogram)) if *last == route => histogram.observe(elapsed),
+            _ => {
+                let histogram = self.shared.stats.histogram(&self.database, route);
+                histogram.observe(elapsed);
+                self.route_histogram = Some((route, Arc::clone(&histogram)));
+            }
+        }
+        if let Some(slo) = &self.slo {
+            slo.record(now, elapsed, request.failed);
+        }
+        if let Some(span) = &request.span {
+            span.record("shard", display(route.shard));
+            span.record("role", route.role.as_str());
+            span.record("cached", route.cached);
+            span.record("failed", request.failed);
+            span.record("duration_us", elapsed.as_micros() as u64);
+            tracing::debug!(target: "shardline::statement", parent: span, "statement done");
+        }
+        if let Some(min) = self.shared.config.proxy.log_min_duration {
+            if elapsed >= min {
+                tracing::info!(
+                    target: "shardline::slow",
+                    database = %self.database,
+                    user = %self.user.name,
+                    shard = %route.shard,
+                    role = route.role.as_str(),
+                    cached = route.cached,
+                    failed = request.failed,
+                    duration_ms = elapsed.as_secs_f64() * 1e3,
+                    "slow statement"
+                );
+            }
+        }
+    }
+}
