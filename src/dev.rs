@@ -112,7 +112,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     let config_path = dir.join("shardline.toml");
     std::fs::write(&config_path, &config_text)?;
-    let config = proxy::Config::parse(&config_text)?;
+    // Loaded from the file, so that RELOAD on the console re-reads it.
+    let config = proxy::Config::load(&config_path)?;
     let proxy = proxy::Proxy::bind(config)
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{}", args.port))?;

@@ -111,11 +111,33 @@ async fn run_proxy(config: proxy::Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(addr = %proxy.local_addr()?, "shardline proxy listening");
+    tokio::spawn(reload_on_sighup(proxy.handle()));
     proxy.run(shutdown_signal()).await;
     Ok(())
 }
 
-/// Completes on Ctrl-C or SIGTERM.
+/// SIGHUP reloads the config file, as `RELOAD` on the admin console does.
+async fn reload_on_sighup(proxy: proxy::ProxyHandle) {
+    let hangup = tokio::signal::unix::SignalKind::hangup();
+    let Ok(mut signals) = tokio::signal::unix::signal(hangup) else {
+        tracing::warn!("cannot handle SIGHUP; use RELOAD on the admin console");
+        return;
+    };
+    while signals.recv().await.is_some() {
+        match proxy.reload().await {
+            Ok(r) if !r.needs_restart.is_empty() => tracing::warn!(
+                applied = ?r.applied,
+                needs_restart = ?r.needs_restart,
+                "SIGHUP: config reloaded; some changes need a restart"
+            ),
+            Ok(r) => tracing::info!(applied = ?r.applied, "SIGHUP: config reloaded"),
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: config not reloaded"),
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM (the proxy then shuts down gracefully,
+/// as on `SHUTDOWN`).
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler succeeds in a normal process");

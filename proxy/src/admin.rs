@@ -1,7 +1,13 @@
 //! The admin console: the virtual database `shardline`, open to users with
 //! `admin = true`, answering simple queries about the running proxy (as
-//! PgBouncer's `pgbouncer` database does). `SHOW SHARDS` lists every server
-//! of the shard map with what this proxy's monitors know about it.
+//! PgBouncer's `pgbouncer` database does): `SHOW POOLS`, `SHOW CLIENTS`,
+//! `SHOW SERVERS`, `SHOW STATS`, `SHOW CONFIG`, `SHOW SHARDS`, `SHOW
+//! CACHE`, `SHOW VERSION`, `RELOAD`, `PAUSE [db]`, `RESUME [db]`,
+//! `SHUTDOWN` and the `CACHE` commands. `SHOW SHARDS` lists every server of
+//! the shard map with what this proxy's monitors know about it.
+
+mod control;
+mod views;
 
 use std::sync::Arc;
 
@@ -27,15 +33,35 @@ pub const NO_CACHE: &str =
 /// Largest message the console reads.
 const MESSAGE_BYTES_MAX: u32 = 65_535;
 
+/// What the console answers, for its error message.
+const COMMANDS: &str = "SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, \
+                        SHOW SHARDS, SHOW CACHE, SHOW SLO, SHOW VERSION, RELOAD, PAUSE [db], RESUME [db], \
+                        SHUTDOWN, CACHE ENABLE table, CACHE DISABLE table and CACHE FLUSH";
+
 /// Finishes the login of an admin user and answers queries until the client
 /// leaves. `buf` holds what the client sent after authenticating, `out` what
 /// is still to be sent to it (the end of the authentication exchange).
 pub async fn serve(
     shared: &Arc<Shared>,
     stream: &mut TcpStream,
+    user: &str,
+    application_name: &str,
     mut buf: BytesMut,
     mut out: BytesMut,
 ) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // Listed in `SHOW CLIENTS` (as PgBouncer lists its console's clients)
+    // until this returns, before the caller closes the socket.
+    let _registration = shared.clients.register(crate::clients::NewClient {
+        user: user.to_owned(),
+        database: DATABASE.to_owned(),
+        peer: stream.peer_addr().ok(),
+        local: stream.local_addr().ok(),
+        application_name: application_name.to_owned(),
+        fd: stream.as_raw_fd(),
+        pool: 0,
+        now_us: shared.clock.now_us(),
+    });
     backend::encode_authentication_ok(&mut out);
     for (name, value) in [
         (
@@ -60,13 +86,18 @@ pub async fn serve(
                 break frame;
             }
             if stream.read_buf(&mut buf).await.map_err(Error::ClientIo)? == 0 {
+                if shared.is_stopping() {
+                    // Woken by SHUTDOWN (or the client left: then nobody reads this).
+                    Error::ShuttingDown.encode(&mut out);
+                    let _ = stream.write_all(&out).await;
+                }
                 return Ok(());
             }
         };
         match frame.tag() {
             frontend::QUERY => {
                 let sql = String::from_utf8_lossy(frontend::query_text(frame.body())?).into_owned();
-                answer(shared, &sql, &mut out);
+                answer(shared, &sql, &mut out).await;
                 backend::encode_ready_for_query(&mut out, TransactionStatus::Idle);
             }
             frontend::TERMINATE => return Ok(()),
@@ -79,13 +110,29 @@ pub async fn serve(
     }
 }
 
-fn answer(shared: &Shared, sql: &str, out: &mut BytesMut) {
+async fn answer(shared: &Shared, sql: &str, out: &mut BytesMut) {
     let command = sql.trim().trim_end_matches(';').trim().to_ascii_uppercase();
     let command: Vec<&str> = command.split_whitespace().collect();
+    // A database name as written (the command was upper-cased).
+    let argument = || {
+        let word = sql.split_whitespace().nth(1).unwrap_or_default();
+        word.trim_end_matches(';').trim_matches('"').to_owned()
+    };
     match command.as_slice() {
         ["SHOW", "SHARDS"] => show_shards(shared, out),
         ["SHOW", "CACHE"] => show_cache(shared, out),
         ["SHOW", "SLO"] => show_slo(shared, out),
+        ["SHOW", "POOLS"] => views::show_pools(shared, out),
+        ["SHOW", "CLIENTS"] => views::show_clients(shared, out),
+        ["SHOW", "SERVERS"] => views::show_servers(shared, out),
+        ["SHOW", "STATS"] => views::show_stats(shared, out),
+        ["SHOW", "CONFIG"] => views::show_config(shared, out),
+        ["RELOAD"] => control::reload(shared, out).await,
+        ["PAUSE"] => control::pause(shared, None, out).await,
+        ["PAUSE", _] => control::pause(shared, Some(&argument()), out).await,
+        ["RESUME"] => control::resume(shared, None, out),
+        ["RESUME", _] => control::resume(shared, Some(&argument()), out),
+        ["SHUTDOWN"] => control::shutdown(shared, out),
         ["CACHE", verb @ ("ENABLE" | "DISABLE"), _] => {
             // The table name as written (the command was upper-cased).
             let table = sql.split_whitespace().nth(2).unwrap_or_default();
@@ -108,8 +155,7 @@ fn answer(shared: &Shared, sql: &str, out: &mut BytesMut) {
         [] => rows::encode_empty(out, backend::EMPTY_QUERY_RESPONSE),
         _ => {
             let message = format!(
-                "unsupported admin console command \"{}\"; the console answers SHOW SHARDS, \
-                 SHOW CACHE, SHOW SLO, SHOW VERSION, CACHE ENABLE table, CACHE DISABLE table and CACHE FLUSH",
+                "unsupported admin console command \"{}\"; the console answers {COMMANDS}",
                 sql.trim()
             );
             backend::encode_error(out, backend::ERROR_RESPONSE, "ERROR", "0A000", &message);
@@ -136,7 +182,7 @@ fn show_slo(shared: &Shared, out: &mut BytesMut) {
     );
     let now = std::time::Instant::now();
     let mut count = 0;
-    for slo in shared.stats.slos() {
+    for slo in shared.statements.slos() {
         for s in slo.standings(now) {
             count += 1;
             let status = match (s.statements, s.met()) {

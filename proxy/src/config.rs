@@ -36,6 +36,13 @@ pub struct Config {
     /// Service-level objectives, per database (`SHOW SLO`, `/metrics`).
     #[serde(default)]
     pub slo: Vec<crate::slo::SloConfig>,
+    /// The file this was read from, for `RELOAD` (none when parsed from text).
+    #[serde(skip)]
+    pub path: Option<std::path::PathBuf>,
+    /// `[metadata] endpoints` came from the command line (`--meta`): a
+    /// reload keeps them.
+    #[serde(skip)]
+    pub metadata_from_flag: bool,
 }
 
 /// The operators' HTTP listener: Prometheus `/metrics`, `/healthz`, `/readyz`.
@@ -48,6 +55,9 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// Scrapes served at once; more wait for their turn.
     pub connections_max: u32,
+    /// The period of the `avg_*` columns of the console's `SHOW STATS`.
+    #[serde(with = "humantime_serde")]
+    pub stats_period: Duration,
 }
 
 impl Default for AdminConfig {
@@ -55,6 +65,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9930))),
             connections_max: 16,
+            stats_period: Duration::from_secs(60),
         }
     }
 }
@@ -273,6 +284,14 @@ pub struct ProxyConfig {
     /// Absent: no slow-statement log.
     #[serde(with = "humantime_serde")]
     pub log_min_duration: Option<Duration>,
+    /// `SHUTDOWN` (and SIGTERM) wait this long for open transactions to
+    /// finish; clients still connected then are disconnected.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// `PAUSE` waits this long for every server connection to come back;
+    /// past it the pause is undone and the command fails.
+    #[serde(with = "humantime_serde")]
+    pub pause_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -294,6 +313,8 @@ impl Default for ProxyConfig {
             client_prepared_statements_max: 10_000,
             worker_threads: 0,
             log_min_duration: None,
+            shutdown_timeout: Duration::from_secs(30),
+            pause_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -380,11 +401,14 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        config.path = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Follows the metadata group at `endpoints` (the `--meta` flag).
     pub fn set_metadata_endpoints(&mut self, endpoints: Vec<String>) {
+        self.metadata_from_flag = true;
         match &mut self.metadata {
             Some(m) => m.endpoints = endpoints,
             None => {
@@ -416,6 +440,9 @@ impl Config {
         }
         if p.checkout_timeout.is_zero() || p.connect_timeout.is_zero() {
             return invalid("checkout_timeout and connect_timeout must be positive".into());
+        }
+        if self.admin.stats_period < Duration::from_secs(1) {
+            return invalid("admin.stats_period must be at least 1s".into());
         }
         let r = &self.replicas;
         if r.health_interval < Duration::from_millis(5)

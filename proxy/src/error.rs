@@ -64,6 +64,11 @@ pub enum Error {
         waited: Duration,
         pool_size: u32,
     },
+    #[error(
+        "canceling statement: database \"{database}\" is paused (PAUSE on the admin console) and \
+         was not resumed within {waited:?}"
+    )]
+    Paused { database: String, waited: Duration },
     #[error("could not connect to the server for database \"{database}\": {reason}")]
     ServerUnavailable { database: String, reason: String },
     #[error(
@@ -128,6 +133,7 @@ impl Error {
             | Error::ServerAuth(_) => Kind::Server,
             Error::TooManyClients { .. }
             | Error::PoolExhausted { .. }
+            | Error::Paused { .. }
             | Error::ShuttingDown
             | Error::MapNotCurrent { .. } => Kind::Unavailable,
         }
@@ -150,6 +156,7 @@ impl Error {
             Error::NotAdmin(_) => "42501",
             Error::UnknownDatabase(_) => "3D000",
             Error::TooManyClients { .. } | Error::PoolExhausted { .. } => "53300",
+            Error::Paused { .. } => "57014",
             Error::ServerUnavailable { .. } | Error::ServerIo(_) => "08006",
             Error::ShardUnavailable { .. } => "57P03",
             Error::ServerProtocol(_) => "08P01",
@@ -169,6 +176,7 @@ impl Error {
         !matches!(
             self,
             Error::PoolExhausted { .. }
+                | Error::Paused { .. }
                 | Error::ServerUnavailable { .. }
                 | Error::ShardUnavailable { .. }
                 | Error::MapNotCurrent { .. }

@@ -66,6 +66,7 @@ impl Proxy {
         if shared.follower.is_some() {
             tokio::spawn(watch_servers(Arc::downgrade(&shared)));
         }
+        tokio::spawn(crate::stats::sample(Arc::downgrade(&shared)));
         Ok(Proxy {
             listener,
             shared,
@@ -82,34 +83,54 @@ impl Proxy {
         self.metrics.as_ref()?.local_addr().ok()
     }
 
-    /// Accepts clients until `shutdown` completes.
+    /// What reloads the config from outside (SIGHUP).
+    pub fn handle(&self) -> ProxyHandle {
+        ProxyHandle {
+            shared: Arc::downgrade(&self.shared),
+        }
+    }
+
+    /// Accepts clients until `shutdown` completes or the admin console says
+    /// `SHUTDOWN`, then shuts down gracefully: no new client is accepted
+    /// (the listening socket closes), open transactions may finish, clients
+    /// idle outside a transaction are told SQLSTATE 57P01 and disconnected.
+    /// Returns once every client has gone, or at `shutdown_timeout`, when
+    /// the rest are disconnected.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let metrics = self.metrics.map(|listener| {
-            let max = self.shared.config.admin.connections_max;
-            let shared = Arc::downgrade(&self.shared);
+        let Proxy {
+            listener,
+            shared,
+            metrics,
+        } = self;
+        let metrics = metrics.map(|listener| {
+            let max = shared.config.admin.connections_max;
+            let shared = Arc::downgrade(&shared);
             tokio::spawn(crate::metrics::serve(listener, shared, max))
         });
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = &mut shutdown => {
-                    if let Some(metrics) = metrics {
-                        metrics.abort();
-                    }
-                    return;
-                }
-                accepted = self.listener.accept() => match accepted {
+                _ = &mut shutdown => break,
+                _ = shared.stop_requested.notified() => break,
+                accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let shared = self.shared.clone();
+                        let shared = shared.clone();
                         // DEBUG: an enabled span costs an enter and an exit
-                        // per poll, about 600 instructions per transaction.
+                        // per poll, about 600 instructions per transaction,
+                        // and even a disabled one about 100: without DEBUG
+                        // the session runs bare.
                         let span = tracing::debug_span!(
                             "session",
                             client = %peer,
                             database = tracing::field::Empty,
                             user = tracing::field::Empty,
                         );
-                        tokio::spawn(tracing::Instrument::instrument(handle(shared, stream, peer), span));
+                        let session = handle(shared, stream, peer);
+                        if span.is_disabled() {
+                            tokio::spawn(session);
+                        } else {
+                            tokio::spawn(tracing::Instrument::instrument(session, span));
+                        }
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -119,12 +140,66 @@ impl Proxy {
                 },
             }
         }
+        drop(listener);
+        shared.begin_shutdown();
+        drain(&shared).await;
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
     }
+}
+
+/// Reloads a running proxy's config (see [`crate::reload`]).
+#[derive(Clone)]
+pub struct ProxyHandle {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl ProxyHandle {
+    pub async fn reload(&self) -> std::result::Result<crate::reload::Reloaded, String> {
+        let shared = self.shared.upgrade().ok_or("the proxy has stopped")?;
+        crate::reload::reload(&shared)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Waits for the clients to leave, waking those idle outside a transaction
+/// (their sessions then say goodbye with 57P01), up to `shutdown_timeout`.
+async fn drain(shared: &Shared) {
+    let timeout = shared.effective().proxy.shutdown_timeout;
+    tracing::info!(?timeout, "shutting down: waiting for open transactions");
+    let step = std::time::Duration::from_millis(10);
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Logins in progress hold a client slot too.
+    while shared.client_count() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                clients = shared.client_count(),
+                "shutdown_timeout passed: disconnecting the clients still connected"
+            );
+            shared.clients.disconnect_all();
+            // A moment for their sessions to see it.
+            let until = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+            while shared.client_count() > 0 && tokio::time::Instant::now() < until {
+                tokio::time::sleep(step).await;
+            }
+            break;
+        }
+        let linked = (shared.pools.all().iter())
+            .flat_map(|(_, pool)| pool.servers())
+            .filter(|s| s.is_active())
+            .map(|s| crate::clients::ClientId(s.link.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect();
+        shared.clients.interrupt_idle(&linked);
+        tokio::time::sleep(step).await;
+    }
+    tracing::info!("shut down");
 }
 
 async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let timeout = shared.config.proxy.client_login_timeout;
+    let timeout = shared.effective().proxy.client_login_timeout;
     let login = match tokio::time::timeout(timeout, login(&shared, &mut stream)).await {
         Ok(Ok(Some(login))) => login,
         Ok(Ok(None)) => return,
@@ -142,13 +217,28 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let (slot, process_id, cbuf, pool, startup_params, cancel_target, (database, user)) = login;
+    let (slot, process_id, cbuf, pool, startup_params, cancel_target, names) = login;
+    let (database, user, application_name) = names;
+    let registration = {
+        use std::os::fd::AsRawFd;
+        shared.clients.register(crate::clients::NewClient {
+            user: user.name.clone(),
+            database: database.clone(),
+            peer: Some(peer),
+            local: stream.local_addr().ok(),
+            application_name,
+            fd: stream.as_raw_fd(),
+            pool: pool.id().0,
+            now_us: shared.clock.now_us(),
+        })
+    };
     let span = tracing::Span::current();
     span.record("database", database.as_str());
     span.record("user", user.name.as_str());
     let session = Session::new(
         shared.clone(),
         Login {
+            registration,
             client: stream,
             cbuf,
             pool,
@@ -198,7 +288,8 @@ type LoggedIn = (
     Arc<crate::pool::Pool>,
     crate::server::ParamState,
     crate::cancel::CancelTarget,
-    (String, Arc<User>),
+    // database, user, application_name
+    (String, Arc<User>, String),
 );
 
 async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
@@ -246,8 +337,11 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
             Some(StartupRequest::Startup(startup)) => break startup,
         }
     };
-    let slot = shared.admit_client().ok_or(Error::TooManyClients {
-        max: shared.config.proxy.max_client_connections,
+    if shared.is_stopping() {
+        return Err(Error::ShuttingDown);
+    }
+    let slot = shared.admit_client().ok_or_else(|| Error::TooManyClients {
+        max: shared.effective().proxy.max_client_connections,
     })?;
     let mut out = BytesMut::with_capacity(1024);
 
@@ -294,7 +388,8 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
         if !user.admin {
             return Err(Error::NotAdmin(user_name));
         }
-        crate::admin::serve(shared, stream, buf, out).await?;
+        let application_name = startup.param("application_name").unwrap_or_default();
+        crate::admin::serve(shared, stream, &user_name, application_name, buf, out).await?;
         return Ok(None);
     }
     let database = shared
@@ -333,7 +428,14 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
         pool,
         startup_params,
         cancel_target,
-        (database.name.clone(), user),
+        (
+            database.name.clone(),
+            user,
+            startup
+                .param("application_name")
+                .unwrap_or_default()
+                .to_owned(),
+        ),
     )))
 }
 

@@ -215,6 +215,7 @@ impl Collector for ProxyCollector {
             [(vec![], f64::from(max))],
         )?;
         pools(e, &shared)?;
+        traffic(e, &shared)?;
         servers(e, &shared)?;
         if let Some(follower) = &shared.follower {
             let map = follower.map();
@@ -260,7 +261,7 @@ impl EncodeMetric for ConstHistogram {
 
 /// Request latency by route, errors by SQLSTATE class, SLO burn rates.
 fn statements(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
-    let stats = &shared.stats;
+    let stats = &shared.statements;
     let rows = stats.histograms().into_iter().map(|(database, route, h)| {
         let labels: Labels = vec![
             ("database", database),
@@ -326,7 +327,13 @@ fn pools(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
                 addr
             };
             let labels: Labels = vec![("database", database), ("user", user), ("server", server)];
-            (labels, pool.size, pool.state())
+            (
+                labels,
+                pool.size(),
+                pool.state(),
+                pool.figures(),
+                pool.checkouts(),
+            )
         })
         .collect();
     let with = |labels: &Labels, state: &'static str| {
@@ -340,13 +347,13 @@ fn pools(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
         "Most server connections a pool opens.",
         pools
             .iter()
-            .map(|(l, size, _)| (l.clone(), f64::from(*size))),
+            .map(|(l, size, ..)| (l.clone(), f64::from(*size))),
     )?;
     gauge(
         e,
         "shardline_server_connections",
         "Server connections of a pool, by state (active: lent to a client).",
-        pools.iter().flat_map(|(l, _, s)| {
+        pools.iter().flat_map(|(l, _, s, ..)| {
             [
                 (with(l, "idle"), f64::from(s.idle_connections)),
                 (
@@ -360,31 +367,25 @@ fn pools(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
         e,
         "shardline_pool_waiting",
         "Checkouts waiting for a server connection now.",
-        pools.iter().map(|(l, _, s)| {
-            let st = &s.statistics;
-            let done = st.get_direct + st.get_waited + st.get_timed_out;
-            (l.clone(), st.get_started.saturating_sub(done) as f64)
-        }),
+        pools
+            .iter()
+            .map(|(l, _, _, f, _)| (l.clone(), f64::from(f.waiting))),
     )?;
     counter(
         e,
         "shardline_pool_checkouts",
         "Checkouts finished: at once, after waiting, or timed out (SQLSTATE 53300).",
-        pools.iter().flat_map(|(l, _, s)| {
-            let st = &s.statistics;
+        pools.iter().flat_map(|(l, .., c)| {
             [
-                (with(l, "direct"), st.get_direct),
-                (with(l, "waited"), st.get_waited),
-                (with(l, "timed_out"), st.get_timed_out),
+                (with(l, "direct"), c.direct),
+                (with(l, "waited"), c.waited),
+                (with(l, "timed_out"), c.timed_out),
             ]
         }),
     )?;
-    let wait = pools.iter().map(|(l, _, s)| {
-        (
-            l.clone(),
-            ConstCounter::new(s.statistics.get_wait_time.as_secs_f64()),
-        )
-    });
+    let wait = pools
+        .iter()
+        .map(|(l, .., c)| (l.clone(), ConstCounter::new(c.wait.as_secs_f64())));
     family(
         e,
         "shardline_pool_checkout_wait_seconds",
@@ -398,8 +399,43 @@ fn pools(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
         "Server connections opened by a pool.",
         pools
             .iter()
-            .map(|(l, _, s)| (l.clone(), s.statistics.connections_created)),
+            .map(|(l, _, s, ..)| (l.clone(), s.statistics.connections_created)),
     )
+}
+
+/// Client traffic by database: the counters of the console's `SHOW STATS`.
+fn traffic(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
+    let totals = crate::stats::totals(shared);
+    let rows = |value: fn(&crate::clients::Totals) -> u64| {
+        (totals.iter())
+            .map(move |(database, t)| (vec![("database", database.clone())], value(&t.clients)))
+            .collect::<Vec<_>>()
+    };
+    for (name, help, value) in [
+        (
+            "shardline_bytes_received",
+            "Bytes received from clients.",
+            rows(|t| t.received),
+        ),
+        (
+            "shardline_bytes_sent",
+            "Bytes sent to clients.",
+            rows(|t| t.sent),
+        ),
+        (
+            "shardline_transactions",
+            "Transactions completed (a ReadyForQuery outside a transaction).",
+            rows(|t| t.xacts),
+        ),
+        (
+            "shardline_queries",
+            "Queries completed (every ReadyForQuery from a server).",
+            rows(|t| t.queries),
+        ),
+    ] {
+        counter(e, name, help, value)?;
+    }
+    Ok(())
 }
 
 /// Every server of the shard map as the health monitors see it.

@@ -82,6 +82,8 @@ pub struct Request<'a> {
 /// client whenever it holds `flush_bytes`, so memory stays bounded.
 pub struct Sink<'a> {
     pub client: &'a mut TcpStream,
+    /// Where the bytes sent to the client are counted.
+    pub counters: &'a crate::clients::Counters,
     pub out: &'a mut BytesMut,
     pub flush_bytes: usize,
     /// An ErrorResponse was sent: an extended batch now skips to its Sync.
@@ -97,6 +99,7 @@ impl Sink<'_> {
                 .write_all(self.out)
                 .await
                 .map_err(Error::ClientIo)?;
+            self.counters.add_sent(self.out.len());
             self.out.clear();
         }
         Ok(())

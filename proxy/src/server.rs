@@ -8,8 +8,9 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
@@ -54,6 +55,52 @@ pub type ServerParams = Arc<Vec<(String, String)>>;
 /// that the rest are one linear walk with no hashing.
 pub type ParamState = Arc<BTreeMap<String, Arc<str>>>;
 
+/// What the admin console shows of one server connection (`SHOW
+/// SERVERS`). The pool writes the atomics at checkout and return, with
+/// relaxed stores: nothing on the statement path waits for a reader.
+#[derive(Debug)]
+pub struct ServerInfo {
+    /// Unique in the process (0 for connections no pool owns).
+    pub id: u64,
+    /// The server's backend process id (from BackendKeyData).
+    pub remote_pid: i32,
+    pub local: Option<SocketAddr>,
+    pub connect_time: SystemTime,
+    /// [`crate::clock::Clock::now_us`] when it logged in.
+    pub connected_us: u64,
+    /// [`server_state`]: lent to a client or idle in its pool.
+    pub state: AtomicU8,
+    /// The client holding it (a [`crate::clients::ClientId`]), 0 for none.
+    pub link: AtomicU64,
+    /// When it was last lent ([`crate::clock::Clock::now_us`]).
+    pub request_us: AtomicU64,
+}
+
+/// Values of [`ServerInfo::state`].
+pub mod server_state {
+    pub const IDLE: u8 = 0;
+    pub const ACTIVE: u8 = 1;
+}
+
+impl ServerInfo {
+    pub fn new(id: u64, remote_pid: i32, local: Option<SocketAddr>, connected_us: u64) -> Self {
+        ServerInfo {
+            id,
+            remote_pid,
+            local,
+            connect_time: SystemTime::now(),
+            connected_us,
+            state: AtomicU8::new(server_state::IDLE),
+            link: AtomicU64::new(0),
+            request_us: AtomicU64::new(connected_us),
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == server_state::ACTIVE
+    }
+}
+
 pub struct ServerConn {
     pub stream: TcpStream,
     /// Read buffer; frames are split off it.
@@ -66,6 +113,13 @@ pub struct ServerConn {
     pub prepared: PreparedSet,
     /// Set when the protocol state is unknown; the pool then drops the connection.
     pub broken: bool,
+    /// Set when the connection is fine but no longer wanted (its pool
+    /// shrank, or it outlived `server_lifetime`): the pool closes it too.
+    pub retire: bool,
+    /// What `SHOW SERVERS` shows of it.
+    pub info: Arc<ServerInfo>,
+    /// Its entry in its pool's list of servers, removed when it closes.
+    pub registration: Option<crate::pool::ServerRegistration>,
 }
 
 impl ServerConn {
@@ -229,6 +283,7 @@ impl ServerConn {
             }
         }
         let (process_id, secret_key) = key.unwrap_or((0, 0));
+        let local = stream.local_addr().ok();
         Ok(ServerConn {
             stream,
             buf,
@@ -241,6 +296,9 @@ impl ServerConn {
             params: ParamState::default(),
             prepared: PreparedSet::new(prepared_max as usize),
             broken: false,
+            retire: false,
+            info: Arc::new(ServerInfo::new(0, process_id, local, 0)),
+            registration: None,
         })
     }
 

@@ -25,7 +25,7 @@ use crate::config::{PoolMode, ReadFrom};
 use crate::error::{Error, Result};
 use crate::params;
 use crate::pending::{Effects, Entry, Expect, LocalReply, Pending};
-use crate::pool::{Pool, Pooled};
+use crate::pool::{Borrower, Pool, Pooled};
 use crate::result_cache::{Fill, Invalidations, PointRead, ResultCache};
 use crate::server::{statement_name, ParamState};
 use crate::shared::Shared;
@@ -63,7 +63,14 @@ fn server_going_away(body: &[u8]) -> bool {
 }
 
 /// The client closed its side: fine between messages, a protocol error inside one.
-fn client_eof(cbuf: &BytesMut) -> Result<()> {
+/// While the proxy shuts down, it is `SHUTDOWN` waking an idle session: the
+/// client is told why its connection ends (SQLSTATE 57P01, as PostgreSQL
+/// does), after whatever replies are still due.
+fn client_eof(cbuf: &BytesMut, shared: &Shared, cout: &mut BytesMut) -> Result<()> {
+    if shared.is_stopping() {
+        Error::ShuttingDown.encode(cout);
+        return Ok(());
+    }
     if cbuf.is_empty() {
         Ok(())
     } else {
@@ -84,14 +91,15 @@ async fn write_some<W: AsyncWrite + Unpin>(
 }
 
 /// Sends what the socket takes of `buf` now and drops the sent bytes; a full
-/// socket is not an error (the event loop waits for it to drain).
-fn try_write(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
+/// socket is not an error (the event loop waits for it to drain). Returns
+/// the bytes sent.
+fn try_write(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     match stream.try_write(&buf[..]) {
         Ok(n) => {
             buf.advance(n);
-            Ok(())
+            Ok(n)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
         Err(e) => Err(e),
     }
 }
@@ -152,6 +160,10 @@ struct ClientStatement {
 }
 
 pub struct Session {
+    /// First, so that it goes before the socket closes (see
+    /// [`crate::clients::ClientInfo`]): the client's entry in `SHOW
+    /// CLIENTS`, and the counters `SHOW STATS` sums.
+    registration: crate::clients::Registration,
     shared: Arc<Shared>,
     client: TcpStream,
     cbuf: BytesMut,
@@ -247,6 +259,12 @@ pub struct Session {
     route_histogram: Option<(Route, Arc<LatencyHistogram>)>,
     /// The database's SLO window, when it has objectives.
     slo: Option<Arc<SloWindow>>,
+    /// When the request being answered arrived (or the previous query
+    /// ended), and when the transaction began, by `Shared::clock`.
+    query_start_us: u64,
+    xact_start_us: u64,
+    /// `in_transaction` as last published for `SHUTDOWN`.
+    published_in_transaction: bool,
 }
 
 /// What a session knows of its last write on a shard.
@@ -273,6 +291,7 @@ struct Retry {
 const READ_RETRIES_MAX: u32 = 3;
 
 pub struct Login {
+    pub registration: crate::clients::Registration,
     pub client: TcpStream,
     pub cbuf: BytesMut,
     pub pool: Arc<Pool>,
@@ -287,8 +306,10 @@ impl Session {
     pub fn new(shared: Arc<Shared>, login: Login) -> Session {
         let mode = login.pool.mode;
         let read_from = shared.config.replicas.read_from;
-        let slo = shared.stats.slo(&login.database);
+        let slo = shared.statements.slo(&login.database);
+        let now = shared.clock.now_us();
         Session {
+            registration: login.registration,
             shared,
             client: login.client,
             cbuf: login.cbuf,
@@ -341,6 +362,9 @@ impl Session {
             queued: None,
             route_histogram: None,
             slo,
+            query_start_us: now,
+            xact_start_us: now,
+            published_in_transaction: false,
         }
     }
 
@@ -380,12 +404,14 @@ impl Session {
         self.maybe_release();
 
         // Back-pressure: read a side only while the other side's output has room.
+        let (mut received, mut sent) = (0, 0);
         let Session {
             client,
             cbuf,
             cout,
             server,
             sout,
+            shared,
             ..
         } = self;
         let (mut client_rd, mut client_wr) = client.split();
@@ -402,7 +428,7 @@ impl Session {
                         r.map_err(|e| { conn.broken = true; Error::ServerIo(e) })?;
                     }
                     r = write_some(&mut client_wr, cout), if !cout.is_empty() => {
-                        r.map_err(Error::ClientIo)?;
+                        sent = r.map_err(Error::ClientIo)?;
                     }
                     r = server_rd.read_buf(&mut conn.buf), if read_server => {
                         let n = r.map_err(|e| { conn.broken = true; Error::ServerIo(e) })?;
@@ -412,8 +438,9 @@ impl Session {
                         }
                     }
                     r = client_rd.read_buf(cbuf), if read_client => {
-                        if r.map_err(Error::ClientIo)? == 0 {
-                            return client_eof(cbuf).map(|()| true);
+                        received = r.map_err(Error::ClientIo)?;
+                        if received == 0 {
+                            return client_eof(cbuf, shared, cout).map(|()| true);
                         }
                     }
                 }
@@ -422,17 +449,73 @@ impl Session {
                 tokio::select! {
                     biased;
                     r = write_some(&mut client_wr, cout), if !cout.is_empty() => {
-                        r.map_err(Error::ClientIo)?;
+                        sent = r.map_err(Error::ClientIo)?;
                     }
                     r = client_rd.read_buf(cbuf), if read_client => {
-                        if r.map_err(Error::ClientIo)? == 0 {
-                            return client_eof(cbuf).map(|()| true);
+                        received = r.map_err(Error::ClientIo)?;
+                        if received == 0 {
+                            return client_eof(cbuf, shared, cout).map(|()| true);
                         }
                     }
                 }
             }
         }
+        if sent > 0 {
+            self.registration.info().counters.add_sent(sent);
+        }
+        if received > 0 {
+            self.on_request_bytes(received);
+        }
         Ok(false)
+    }
+
+    /// Bytes from the client: counted, and when nothing was owed to it they
+    /// start a request (and, outside a transaction, a transaction), timed
+    /// from here by `Shared::clock`.
+    #[inline]
+    fn on_request_bytes(&mut self, n: usize) {
+        let info = self.registration.info();
+        info.counters.add_received(n);
+        if self.pending.is_empty() {
+            let now = self.shared.clock.now_us();
+            info.request_us
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            self.query_start_us = now;
+            if self.txn_status == TransactionStatus::Idle {
+                self.xact_start_us = now;
+            }
+        }
+    }
+
+    /// A ReadyForQuery reached the client: a query ended, and a transaction
+    /// if `status` is idle.
+    #[inline]
+    fn count_query(&mut self, status: TransactionStatus) {
+        let now = self.shared.clock.now_us();
+        let query_us = now.saturating_sub(self.query_start_us);
+        // A pipelined request's next query starts as this one ends.
+        self.query_start_us = now;
+        let xact_us = (status == TransactionStatus::Idle).then(|| {
+            let us = now.saturating_sub(self.xact_start_us);
+            self.xact_start_us = now;
+            us
+        });
+        self.registration
+            .info()
+            .counters
+            .add_query(query_us, xact_us);
+    }
+
+    /// Tells `SHUTDOWN` (and `SHOW CLIENTS`) whether the client is inside a
+    /// transaction that holds no server connection (a BEGIN answered
+    /// locally), so it is not taken for idle. Stores only on a change.
+    pub(crate) fn publish_in_transaction(&mut self, open: bool) {
+        if self.published_in_transaction != open {
+            self.published_in_transaction = open;
+            let info = self.registration.info();
+            info.in_transaction
+                .store(open, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Writes what the sockets take right now, without waiting. A reply or a
@@ -448,7 +531,8 @@ impl Session {
             }
         }
         if !self.cout.is_empty() {
-            try_write(&self.client, &mut self.cout).map_err(Error::ClientIo)?;
+            let sent = try_write(&self.client, &mut self.cout).map_err(Error::ClientIo)?;
+            self.registration.info().counters.add_sent(sent);
         }
         Ok(())
     }
@@ -494,7 +578,9 @@ impl Session {
     async fn finish(&mut self) {
         // A client that stopped reading does not hold the session open.
         let flush = self.client.write_all(&self.cout);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flush).await;
+        if let Ok(Ok(())) = tokio::time::timeout(std::time::Duration::from_secs(5), flush).await {
+            self.registration.info().counters.add_sent(self.cout.len());
+        }
         let Some(mut conn) = self.server.take() else {
             return;
         };
@@ -584,7 +670,11 @@ impl Session {
     /// Makes sure a server connection is attached, with the client's parameters.
     async fn ensure_server(&mut self) -> Result<()> {
         if self.server.is_none() {
-            let conn = self.pool.checkout().await?;
+            let who = Borrower {
+                client: Some(self.registration.info()),
+                in_transaction: self.txn_status != TransactionStatus::Idle,
+            };
+            let conn = self.pool.checkout(who).await?;
             *self.cancel_target.lock().expect("lock poisoned") = Some(conn.cancel_key);
             self.server = Some(conn);
             self.attach_count += 1;
@@ -1255,7 +1345,7 @@ impl Session {
             if tag == backend::ERROR_RESPONSE && d.forward {
                 let body = &conn.buf[wire::HEADER_LEN..frame_len];
                 let code = backend::ErrorFields::decode(body).map_or(&b""[..], |f| f.code);
-                self.shared.stats.count_error(code, KIND_POSTGRES);
+                self.shared.statements.count_error(code, KIND_POSTGRES);
                 if let Some(request) = &mut self.in_flight {
                     request.failed = true;
                 }
@@ -1275,6 +1365,9 @@ impl Session {
                 self.error_in_batch = true;
             }
             if let Some(status) = status {
+                if d.forward {
+                    self.count_query(status);
+                }
                 self.on_ready(status);
                 if d.forward {
                     self.request_answered();
@@ -1330,6 +1423,9 @@ impl Session {
             return; // the client's transaction status is the proxy's, not the server's
         }
         self.txn_status = status;
+        if status == TransactionStatus::Idle {
+            self.publish_in_transaction(false);
+        }
         if status == TransactionStatus::Idle && self.txn_wrote {
             self.txn_wrote = false;
             if let Some(shard) = self.server_shard {

@@ -1,16 +1,37 @@
 //! Shared: what every session of one proxy process uses.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::cancel::CancelRegistry;
+use crate::clients::Clients;
+use crate::clock::Clock;
 use crate::config::{Config, DatabaseConfig, User};
-use crate::pool::{Pool, PoolSettings, Pools};
+use crate::pool::{LiveSettings, Pool, PoolSettings, Pools};
 use crate::server::ServerTarget;
 
+/// What the admin console has asked of the pools: `PAUSE` (all, or some
+/// databases) and `SHUTDOWN`. Pools made later start in this state.
+#[derive(Debug, Default)]
+pub struct Control {
+    pub paused_all: bool,
+    pub paused: BTreeSet<String>,
+    pub closing: bool,
+}
+
+impl Control {
+    pub fn is_paused(&self, database: &str) -> bool {
+        self.paused_all || self.paused.contains(database)
+    }
+}
+
 pub struct Shared {
+    /// The config the proxy started with. What `RELOAD` may change is read
+    /// from [`Shared::effective`] instead.
     pub config: Arc<Config>,
+    /// The config in force: `config` with what `RELOAD` applied.
+    effective: RwLock<Arc<Config>>,
     pub users: HashMap<String, Arc<User>>,
     pub pools: Pools,
     pub cancels: CancelRegistry,
@@ -24,10 +45,23 @@ pub struct Shared {
     /// The point-read cache (with a shard map only).
     pub cache: Option<Arc<crate::result_cache::ResultCache>>,
     /// Request latency by route, errors by SQLSTATE class, SLO windows.
-    pub stats: crate::statement_stats::StatementStats,
+    pub statements: crate::statement_stats::StatementStats,
     /// Per-process secret that makes SCRAM exchanges for unknown users look real.
     pub mock_nonce: [u8; 32],
-    clients: AtomicU32,
+    /// The clock sessions time their statistics by.
+    pub clock: &'static Clock,
+    /// Every connected client.
+    pub clients: Arc<Clients>,
+    /// `SHOW STATS` averages.
+    pub stats: crate::stats::StatsWindow,
+    pub control: Mutex<Control>,
+    /// `SHUTDOWN` (or SIGTERM) began: no new client is accepted.
+    stopping: AtomicBool,
+    /// Wakes the accept loop at `SHUTDOWN`.
+    pub stop_requested: tokio::sync::Notify,
+    /// Serializes `RELOAD`s.
+    pub reloading: tokio::sync::Mutex<()>,
+    client_slots: AtomicU32,
     next_process_id: AtomicI32,
 }
 
@@ -47,13 +81,14 @@ impl Shared {
                 probe,
             ))
         });
-        let stats = crate::statement_stats::StatementStats::new(
+        let statements = crate::statement_stats::StatementStats::new(
             config.slo.iter().cloned().map(crate::slo::SloWindow::new),
         );
         Shared {
-            stats,
+            statements,
             cache,
             backends,
+            effective: RwLock::new(config.clone()),
             config,
             users,
             pools: Pools::default(),
@@ -62,9 +97,60 @@ impl Shared {
             analyses: router::AnalysisCache::new(10_000),
             follower,
             mock_nonce: rand::random(),
-            clients: AtomicU32::new(0),
+            clock: Clock::start(),
+            clients: Arc::default(),
+            stats: crate::stats::StatsWindow::default(),
+            control: Mutex::default(),
+            stopping: AtomicBool::new(false),
+            stop_requested: tokio::sync::Notify::new(),
+            reloading: tokio::sync::Mutex::new(()),
+            client_slots: AtomicU32::new(0),
             next_process_id: AtomicI32::new(1),
         }
+    }
+
+    /// The config in force (the startup one with what `RELOAD` applied).
+    pub fn effective(&self) -> Arc<Config> {
+        self.effective.read().expect("lock poisoned").clone()
+    }
+
+    pub fn set_effective(&self, config: Arc<Config>) {
+        *self.effective.write().expect("lock poisoned") = config;
+    }
+
+    /// The live settings of `database`'s pools under `config`.
+    pub fn live_settings(config: &Config, database: &str) -> LiveSettings {
+        let p = &config.proxy;
+        let size = (config.databases.iter())
+            .find(|d| d.name == database)
+            .and_then(|d| d.pool_size)
+            .unwrap_or(p.pool_size);
+        LiveSettings {
+            size,
+            checkout_timeout: p.checkout_timeout,
+            connect_timeout: p.connect_timeout,
+            lifetime: p.server_lifetime,
+        }
+    }
+
+    /// `SHUTDOWN` began.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Starts a graceful shutdown (once): the accept loop stops, and
+    /// checkouts outside a transaction are refused.
+    pub fn begin_shutdown(&self) -> bool {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.control.lock().expect("lock poisoned").closing = true;
+        for (_, pool) in self.pools.all() {
+            pool.set_closing();
+        }
+        // A permit, in case the accept loop is not waiting yet.
+        self.stop_requested.notify_one();
+        true
     }
 
     pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
@@ -81,26 +167,33 @@ impl Shared {
     /// database's configured server when `addr` is `None`.
     pub fn pool_at(&self, database: &DatabaseConfig, user: &User, addr: Option<&str>) -> Arc<Pool> {
         self.pools
-            .get_or_create(&database.name, &user.name, addr.unwrap_or(""), || {
+            .get_or_create(&database.name, &user.name, addr.unwrap_or(""), |id| {
                 let p = &self.config.proxy;
                 let target = server_target(&self.config, database, user, addr);
                 let settings = PoolSettings {
-                    size: database.pool_size.unwrap_or(p.pool_size),
+                    live: Shared::live_settings(&self.effective(), &database.name),
                     mode: database.pool_mode.unwrap_or(p.pool_mode),
-                    checkout_timeout: p.checkout_timeout,
                     idle_timeout: p.server_idle_timeout,
-                    lifetime: p.server_lifetime,
                     prepared_max: p.server_prepared_statements_max,
                 };
-                Pool::new(database.name.clone(), target, settings)
+                let names = (database.name.clone(), user.name.clone());
+                let pool = Pool::new(id, names, target, settings, self.clock);
+                let control = self.control.lock().expect("lock poisoned");
+                if control.is_paused(&database.name) {
+                    pool.set_paused(true);
+                }
+                if control.closing {
+                    pool.set_closing();
+                }
+                pool
             })
     }
 
     /// Takes a client slot; `None` when `max_client_connections` are in use.
     pub fn admit_client(self: &Arc<Self>) -> Option<ClientSlot> {
-        let max = self.config.proxy.max_client_connections;
+        let max = self.effective().proxy.max_client_connections;
         let admitted = self
-            .clients
+            .client_slots
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
@@ -109,7 +202,7 @@ impl Shared {
     }
 
     pub fn client_count(&self) -> u32 {
-        self.clients.load(Ordering::Acquire)
+        self.client_slots.load(Ordering::Acquire)
     }
 
     /// A process id for BackendKeyData: the proxy's own, never a server's.
@@ -182,6 +275,6 @@ pub struct ClientSlot(Arc<Shared>);
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+        self.0.client_slots.fetch_sub(1, Ordering::AcqRel);
     }
 }

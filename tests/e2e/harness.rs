@@ -1,6 +1,7 @@
 //! Harness: one PostgreSQL cluster and one proxy in front of it per test.
 
 use std::net::SocketAddr;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use testkit::{Cluster, PasswordEncryption};
@@ -33,6 +34,17 @@ impl Options {
             self.pool_size, self.pool_mode, self.proxy_extra
         )
     }
+}
+
+/// A PostgreSQL client tool (`psql`, `pgbench`) with `PGPASSWORD` set to
+/// the `app` user's password.
+pub fn tool(name: &str) -> Command {
+    // The server's bindir has the client tools too, unless only server binaries were linked there.
+    let bindir = testkit::find_bindir().expect("PostgreSQL binaries");
+    let path = bindir.join(name);
+    let mut cmd = Command::new(if path.exists() { path } else { name.into() });
+    cmd.env("PGPASSWORD", APP_PASSWORD).env_remove("PGSERVICE");
+    cmd
 }
 
 /// Starts an in-process proxy with `config`; it runs until the sender is

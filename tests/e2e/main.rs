@@ -1,6 +1,7 @@
 //! End-to-end tests: real PostgreSQL clusters (testkit) behind an in-process
 //! proxy, driven by tokio-postgres, raw protocol bytes, psql and pgbench.
 
+mod admin_console;
 mod auth;
 mod bench;
 mod cache;

@@ -1,17 +1,6 @@
 //! The stock tools through the proxy: psql and pgbench in every query mode.
 
-use std::process::Command;
-
-use crate::harness::{Env, APP_PASSWORD};
-
-fn tool(name: &str) -> Command {
-    // The server's bindir has the client tools too, unless only server binaries were linked there.
-    let bindir = testkit::find_bindir().expect("PostgreSQL binaries");
-    let path = bindir.join(name);
-    let mut cmd = Command::new(if path.exists() { path } else { name.into() });
-    cmd.env("PGPASSWORD", APP_PASSWORD).env_remove("PGSERVICE");
-    cmd
-}
+use crate::harness::{tool, Env, APP_PASSWORD};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_runs_commands() {

@@ -80,6 +80,7 @@ impl Session {
                     .write_all(&self.cout)
                     .await
                     .map_err(Error::ClientIo)?;
+                self.registration.info().counters.add_sent(self.cout.len());
                 self.cout.clear();
             }
             let frame = match self.next_client_frame(max).await {
@@ -180,6 +181,7 @@ impl Session {
             if n == 0 {
                 return Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
             }
+            self.registration.info().counters.add_received(n);
         }
     }
 }

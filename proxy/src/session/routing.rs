@@ -27,7 +27,7 @@ use crate::backends::{Node, ShardNodes};
 use crate::config::{PoolMode, ReadFrom};
 use crate::error::{Error, Result};
 use crate::pending::{Entry, Expect, LocalReply};
-use crate::pool::Pool;
+use crate::pool::{Borrower, Pool};
 use crate::result_cache::{params_hash, several_statements, Fill, ResultCache};
 use crate::scatter::{self, Request, ShardConn, Sink};
 use cache::store::Origin;
@@ -562,9 +562,10 @@ impl Session {
                 return Ok(());
             }
             if !self.cout.is_empty() {
-                write_some(&mut self.client, &mut self.cout)
+                let sent = write_some(&mut self.client, &mut self.cout)
                     .await
                     .map_err(Error::ClientIo)?;
+                self.registration.info().counters.add_sent(sent);
                 continue;
             }
             let Some(conn) = self.server.as_deref_mut() else {
@@ -801,6 +802,7 @@ impl Session {
                     self.deferred_begin = Some(frame.clone().into_bytes());
                     self.begin_read_only = router::begin_read_only(sql);
                     self.txn_status = TransactionStatus::InTransaction;
+                    self.publish_in_transaction(true);
                     rows::encode_command_complete(&mut self.cout, b"BEGIN");
                     self.ready_for_query(self.txn_status);
                     return Ok(());
@@ -809,6 +811,7 @@ impl Session {
                     // Nothing ran: ending the transaction needs no server.
                     self.deferred_begin = None;
                     self.txn_status = TransactionStatus::Idle;
+                    self.publish_in_transaction(false);
                     let tag: &[u8] = if word == TxnWord::Commit {
                         b"COMMIT"
                     } else {
@@ -1064,6 +1067,8 @@ impl Session {
     /// A simple Query that ran on several shards: ReadyForQuery, or the error.
     fn after_multi(&mut self, result: Result<bool>) -> Result<()> {
         self.apply_cache_writes();
+        // Outside a transaction: one query, one transaction.
+        self.count_query(TransactionStatus::Idle);
         match result {
             Ok(_) => {
                 self.ready_for_query(self.txn_status);
@@ -1083,7 +1088,11 @@ impl Session {
         let mut conns = Vec::with_capacity(shards.len());
         for &shard in shards {
             let pool = self.pool_for(shard, map)?;
-            let mut conn = pool.checkout().await?;
+            let who = Borrower {
+                client: Some(self.registration.info()),
+                in_transaction: false,
+            };
+            let mut conn = pool.checkout(who).await?;
             let sql = crate::params::sync_sql(&self.params, &conn.params);
             if !sql.is_empty() {
                 if let Some(message) = conn.run_discarding(&sql, max).await? {
@@ -1110,6 +1119,7 @@ impl Session {
         let flush_bytes = self.shared.config.proxy.buffer_bytes_max as usize;
         let mut sink = Sink {
             client: &mut self.client,
+            counters: &self.registration.info().counters,
             out: &mut self.cout,
             flush_bytes,
             errored: false,
@@ -1269,11 +1279,13 @@ impl Session {
                 frontend::encode_query(&mut query, sql.as_bytes());
                 self.deferred_begin = Some(query.freeze());
                 self.txn_status = TransactionStatus::InTransaction;
+                self.publish_in_transaction(true);
                 "BEGIN"
             }
             (word @ (TxnWord::Commit | TxnWord::Rollback), _, Some(_)) => {
                 self.deferred_begin = None;
                 self.txn_status = TransactionStatus::Idle;
+                self.publish_in_transaction(false);
                 if word == TxnWord::Commit {
                     "COMMIT"
                 } else {
@@ -1551,6 +1563,7 @@ impl Session {
         self.deferred_begin = None;
         self.aborted_locally = false;
         self.txn_status = TransactionStatus::Idle;
+        self.publish_in_transaction(false);
         self.txn_effects.clear();
     }
 }

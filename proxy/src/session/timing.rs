@@ -127,7 +127,7 @@ impl Session {
     pub(super) fn note_multi(&mut self, code: Option<&[u8]>) {
         if let Some(code) = code {
             self.shared
-                .stats
+                .statements
                 .count_error(code, crate::statement_stats::KIND_POSTGRES);
         }
         if let Some(request) = &mut self.in_flight {
@@ -139,7 +139,7 @@ impl Session {
     /// Sends the client the ErrorResponse for `e`, counted.
     pub(super) fn send_error(&mut self, e: &Error) {
         self.shared
-            .stats
+            .statements
             .count_error(e.sqlstate().as_bytes(), e.kind().as_str());
         if let Some(request) = &mut self.in_flight {
             request.failed = true;
@@ -183,7 +183,7 @@ impl Session {
         match &self.route_histogram {
             Some((last, histogram)) if *last == route => histogram.observe(elapsed),
             _ => {
-                let histogram = self.shared.stats.histogram(&self.database, route);
+                let histogram = self.shared.statements.histogram(&self.database, route);
                 histogram.observe(elapsed);
                 self.route_histogram = Some((route, Arc::clone(&histogram)));
             }
