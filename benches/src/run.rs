@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{BenchConfig, Load, Target};
-use crate::recorder::Recorder;
+use crate::recorder::{Recorder, SharedTimeline};
 use crate::report::Report;
 use crate::scenario::{InsertIds, Scenario, Workload};
 use crate::schema;
@@ -121,6 +121,7 @@ async fn run_target(
         Load::Closed => None,
         Load::Open { rate } => Some(Duration::from_secs_f64(clients as f64 / rate)),
     };
+    let timeline = SharedTimeline::new(config.duration);
     let mut tasks = tokio::task::JoinSet::new();
     for (c, (client, work)) in connections.into_iter().enumerate() {
         let plan = Plan {
@@ -135,8 +136,10 @@ async fn run_target(
         let target = target.clone();
         let scenario = config.scenario.clone();
         let rows = config.rows;
+        let recorder = Recorder::for_client(config.duration, Arc::clone(&timeline));
         tasks.spawn(async move {
-            drive(Conn { client, work }, &target, &scenario, rows, plan, &ops).await
+            let conn = Conn { client, work };
+            drive(conn, &target, &scenario, rows, plan, &ops, recorder).await
         });
     }
 
@@ -156,6 +159,7 @@ async fn run_target(
             }
         }
     }
+    merged.timeline = timeline.take();
     Ok(TargetRound { recorder: merged })
 }
 
@@ -185,11 +189,11 @@ async fn drive(
     rows: i64,
     plan: Plan,
     ops: &AtomicU64,
+    mut recorder: Recorder,
 ) -> Recorder {
     let measure_start = plan.start + plan.warmup;
     let end = measure_start + plan.duration;
     let hard_end = end + OP_GRACE;
-    let mut recorder = Recorder::new(plan.duration);
     let mut k: u32 = 0;
     loop {
         let intended = match plan.interval {
@@ -227,6 +231,7 @@ async fn drive(
         }
         ops.fetch_add(1, Ordering::Relaxed);
     }
+    recorder.finish();
     recorder
 }
 

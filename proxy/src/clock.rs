@@ -29,6 +29,11 @@ impl Clock {
         self.started.elapsed().as_micros() as u64
     }
 
+    /// The monotonic instant of a reading of [`Clock::now_us`].
+    pub fn instant(&self, us: u64) -> Instant {
+        self.started + Duration::from_micros(us)
+    }
+
     /// The wall-clock time of a reading of [`Clock::now_us`].
     pub fn wall(&self, us: u64) -> SystemTime {
         self.started_wall + Duration::from_micros(us)

@@ -136,7 +136,8 @@ fn fill_with(fill: &mut Option<Fill>, cache: Option<&ResultCache>, tag: u8, fram
 /// ReadyForQuery that ends it (a simple Query, or an extended-protocol
 /// batch up to its Sync, with whatever the client pipelined meanwhile).
 struct InFlight {
-    started: std::time::Instant,
+    /// By `Shared::clock`.
+    started_us: u64,
     /// The client has sent the Sync or Query that ends it: what it sends
     /// next is another request.
     closed: bool,
@@ -259,9 +260,7 @@ pub struct Session {
     route_histogram: Option<(Route, Arc<LatencyHistogram>)>,
     /// The database's SLO window, when it has objectives.
     slo: Option<Arc<SloWindow>>,
-    /// When the request being answered arrived (or the previous query
-    /// ended), and when the transaction began, by `Shared::clock`.
-    query_start_us: u64,
+    /// When the client's transaction began, by `Shared::clock`.
     xact_start_us: u64,
     /// `in_transaction` as last published for `SHUTDOWN`.
     published_in_transaction: bool,
@@ -362,7 +361,6 @@ impl Session {
             queued: None,
             route_histogram: None,
             slo,
-            query_start_us: now,
             xact_start_us: now,
             published_in_transaction: false,
         }
@@ -469,32 +467,17 @@ impl Session {
         Ok(false)
     }
 
-    /// Bytes from the client: counted, and when nothing was owed to it they
-    /// start a request (and, outside a transaction, a transaction), timed
-    /// from here by `Shared::clock`.
+    /// Bytes from the client, counted. (Requests are timed from their first
+    /// message: `timing.rs`.)
     #[inline]
     fn on_request_bytes(&mut self, n: usize) {
-        let info = self.registration.info();
-        info.counters.add_received(n);
-        if self.pending.is_empty() {
-            let now = self.shared.clock.now_us();
-            info.request_us
-                .store(now, std::sync::atomic::Ordering::Relaxed);
-            self.query_start_us = now;
-            if self.txn_status == TransactionStatus::Idle {
-                self.xact_start_us = now;
-            }
-        }
+        self.registration.info().counters.add_received(n);
     }
 
-    /// A ReadyForQuery reached the client: a query ended, and a transaction
-    /// if `status` is idle.
+    /// A request ended at `now` after `query_us`, its ReadyForQuery saying
+    /// `status`: a query for `SHOW STATS`, and a transaction if idle.
     #[inline]
-    fn count_query(&mut self, status: TransactionStatus) {
-        let now = self.shared.clock.now_us();
-        let query_us = now.saturating_sub(self.query_start_us);
-        // A pipelined request's next query starts as this one ends.
-        self.query_start_us = now;
+    fn count_query(&mut self, status: TransactionStatus, now: u64, query_us: u64) {
         let xact_us = (status == TransactionStatus::Idle).then(|| {
             let us = now.saturating_sub(self.xact_start_us);
             self.xact_start_us = now;
@@ -1365,12 +1348,9 @@ impl Session {
                 self.error_in_batch = true;
             }
             if let Some(status) = status {
-                if d.forward {
-                    self.count_query(status);
-                }
                 self.on_ready(status);
                 if d.forward {
-                    self.request_answered();
+                    self.request_answered(status);
                 }
             }
         }

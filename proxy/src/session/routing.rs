@@ -1067,8 +1067,6 @@ impl Session {
     /// A simple Query that ran on several shards: ReadyForQuery, or the error.
     fn after_multi(&mut self, result: Result<bool>) -> Result<()> {
         self.apply_cache_writes();
-        // Outside a transaction: one query, one transaction.
-        self.count_query(TransactionStatus::Idle);
         match result {
             Ok(_) => {
                 self.ready_for_query(self.txn_status);

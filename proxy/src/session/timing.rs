@@ -8,7 +8,7 @@
 //! client pipelines behind it is timed from its own first message.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use tracing::field::{display, Empty};
 use wire::frontend;
@@ -36,10 +36,18 @@ impl Session {
                 | frontend::EXECUTE
                 | frontend::FUNCTION_CALL
         );
-        match (&self.in_flight, &self.queued) {
-            (None, _) if starts => self.in_flight = Some(self.new_request(frame)),
-            (Some(r), None) if starts && r.closed => self.queued = Some(self.new_request(frame)),
-            _ => {}
+        if starts {
+            match (&self.in_flight, &self.queued) {
+                (None, _) => {
+                    let request = self.new_request(frame);
+                    self.in_flight = Some(request);
+                }
+                (Some(r), None) if r.closed => {
+                    let request = self.new_request(frame);
+                    self.queued = Some(request);
+                }
+                _ => {}
+            }
         }
         if matches!(
             tag,
@@ -54,19 +62,22 @@ impl Session {
     /// ReadyForQuery to the client, ending the request in flight.
     pub(super) fn ready_for_query(&mut self, status: TransactionStatus) {
         backend::encode_ready_for_query(&mut self.cout, status);
-        self.request_answered();
+        self.request_answered(status);
     }
 
-    /// The request in flight got its ReadyForQuery: it is recorded, and the
-    /// one pipelined behind it is in flight now.
-    pub(super) fn request_answered(&mut self) {
+    /// The request in flight got its ReadyForQuery (saying `status`): it is
+    /// recorded, and the one pipelined behind it is in flight now.
+    pub(super) fn request_answered(&mut self, status: TransactionStatus) {
         if let Some(request) = self.in_flight.take() {
-            self.record(request);
+            let now = self.shared.clock.now_us();
+            let elapsed_us = now.saturating_sub(request.started_us);
+            self.count_query(status, now, elapsed_us);
+            self.record(request, now, elapsed_us);
         }
         self.in_flight = self.queued.take();
     }
 
-    fn new_request(&self, frame: &Frame) -> InFlight {
+    fn new_request(&mut self, frame: &Frame) -> InFlight {
         let span =
             tracing::enabled!(target: "shardline::statement", tracing::Level::DEBUG).then(|| {
                 let sql = self.request_sql(frame);
@@ -81,8 +92,16 @@ impl Session {
                     duration_us = Empty,
                 )
             });
+        let now = self.shared.clock.now_us();
+        self.registration
+            .info()
+            .request_us
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        if self.txn_status == TransactionStatus::Idle && self.in_flight.is_none() {
+            self.xact_start_us = now;
+        }
         InFlight {
-            started: Instant::now(),
+            started_us: now,
             closed: false,
             failed: false,
             cache_hit: None,
@@ -176,9 +195,8 @@ impl Session {
         }
     }
 
-    fn record(&mut self, request: InFlight) {
-        let now = Instant::now();
-        let elapsed = now.saturating_duration_since(request.started);
+    fn record(&mut self, request: InFlight, now_us: u64, elapsed_us: u64) {
+        let elapsed = Duration::from_micros(elapsed_us);
         let route = self.route_of(&request);
         match &self.route_histogram {
             Some((last, histogram)) if *last == route => histogram.observe(elapsed),
@@ -189,7 +207,7 @@ impl Session {
             }
         }
         if let Some(slo) = &self.slo {
-            slo.record(now, elapsed, request.failed);
+            slo.record(self.shared.clock.instant(now_us), elapsed, request.failed);
         }
         if let Some(span) = &request.span {
             span.record("shard", display(route.shard));
