@@ -7,7 +7,7 @@
 //! the shard map with what this proxy's monitors know about it.
 
 mod control;
-mod views;
+pub(crate) mod views;
 
 use std::sync::Arc;
 

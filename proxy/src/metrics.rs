@@ -208,6 +208,20 @@ impl Collector for ProxyCollector {
             "Client connections logged in or logging in.",
             [(vec![], f64::from(shared.client_count()))],
         )?;
+        let mut by_state: std::collections::BTreeMap<&str, f64> =
+            ["active", "idle", "waiting"].map(|s| (s, 0.0)).into();
+        for (_, state) in crate::admin::views::client_states(&shared) {
+            *by_state.entry(state).or_default() += 1.0;
+        }
+        gauge(
+            e,
+            "shardline_clients",
+            "Logged-in clients by state: active (holding a server connection or inside a \
+             transaction), idle, waiting (for a server connection).",
+            by_state
+                .into_iter()
+                .map(|(state, n)| (vec![("state", state.to_owned())], n)),
+        )?;
         gauge(
             e,
             "shardline_client_connections_max",

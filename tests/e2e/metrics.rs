@@ -99,12 +99,27 @@ async fn metrics_parse_and_follow_known_traffic() {
     );
     assert!(sum(&after, "shardline_server_connections_opened_total", &pool) >= 1.0);
 
-    // A second client is counted while it is connected.
-    let second = env.client().await;
+    assert_eq!(sum(&after, "shardline_clients", &[("state", "idle")]), 1.0);
     assert_eq!(
-        sum(&scrape(addr).await, "shardline_client_connections", &[]),
-        2.0
+        sum(&after, "shardline_clients", &[("state", "active")]),
+        0.0
     );
+
+    // A second client is counted while it is connected, as active while
+    // its transaction holds a server connection.
+    let second = env.client().await;
+    second
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("open a transaction");
+    let during = scrape(addr).await;
+    assert_eq!(sum(&during, "shardline_client_connections", &[]), 2.0);
+    assert_eq!(
+        sum(&during, "shardline_clients", &[("state", "active")]),
+        1.0
+    );
+    assert_eq!(sum(&during, "shardline_clients", &[("state", "idle")]), 1.0);
+    second.batch_execute("COMMIT").await.expect("commit");
     drop(second);
 
     assert_eq!(get(addr, "/healthz").await.0, 200);

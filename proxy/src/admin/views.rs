@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use wire::rows;
@@ -83,6 +84,30 @@ fn shard_of(shared: &Shared, addr: &str) -> (Option<String>, Option<String>) {
 }
 
 /// Clients holding a server connection, and which.
+/// Each connected client's state as `SHOW CLIENTS` and `/metrics` show it:
+/// `waiting` for a server connection, `active` (holding one, or inside a
+/// transaction), or `idle`.
+pub(crate) fn client_states(shared: &Shared) -> Vec<(Arc<ClientInfo>, &'static str)> {
+    let links = links(shared);
+    shared
+        .clients
+        .all()
+        .into_iter()
+        .map(|client| {
+            let state = if client.is_waiting() {
+                "waiting"
+            } else if links.contains_key(&client.id)
+                || client.in_transaction.load(Ordering::Relaxed)
+            {
+                "active"
+            } else {
+                "idle"
+            };
+            (client, state)
+        })
+        .collect()
+}
+
 fn links(shared: &Shared) -> HashMap<ClientId, u64> {
     let mut links = HashMap::new();
     for (_, pool) in shared.pools.all() {
@@ -197,15 +222,8 @@ pub fn show_clients(shared: &Shared, out: &mut BytesMut) {
     );
     let links = links(shared);
     let clock = shared.clock;
-    for client in shared.clients.all() {
+    for (client, state) in client_states(shared) {
         let link = links.get(&client.id);
-        let state = if client.is_waiting() {
-            "waiting"
-        } else if link.is_some() || client.in_transaction.load(Ordering::Relaxed) {
-            "active"
-        } else {
-            "idle"
-        };
         let waited = waited_us(clock, &client);
         let (addr, port) = socket(client.peer);
         let (local_addr, local_port) = socket(client.local);
