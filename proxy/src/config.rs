@@ -389,8 +389,15 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Parse(#[from] toml::de::Error),
+    /// Where and what, never the offending line itself: it may hold a
+    /// password (a misspelt `server_pasword = ...`), and RELOAD's errors
+    /// reach the admin console and the logs.
+    #[error("line {line}, column {column}: {message}")]
+    Parse {
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -422,7 +429,15 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)?;
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |span| span.start.min(text.len()));
+            let before = &text[..at];
+            ConfigError::Parse {
+                line: before.matches('\n').count() + 1,
+                column: before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -440,6 +455,10 @@ impl Config {
         }
         if p.checkout_timeout.is_zero() || p.connect_timeout.is_zero() {
             return invalid("checkout_timeout and connect_timeout must be positive".into());
+        }
+        if p.server_lifetime.is_zero() || p.server_idle_timeout.is_zero() {
+            // Zero would close every connection as it comes back: no pooling.
+            return invalid("server_lifetime and server_idle_timeout must be positive".into());
         }
         if self.admin.stats_period < Duration::from_secs(1) {
             return invalid("admin.stats_period must be at least 1s".into());
@@ -577,6 +596,13 @@ mod tests {
             .to_string();
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("bogus"), "{err}");
+        // The offending line is not quoted: it may hold a password.
+        let err = Config::parse("[[databases]]\nname = \"db\"\nserver_pasword = \"hunter2\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("line 3, column 1: "), "{err}");
+        assert!(err.contains("server_pasword"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

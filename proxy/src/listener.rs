@@ -200,14 +200,35 @@ async fn drain(shared: &Shared) {
 async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let timeout = shared.effective().proxy.client_login_timeout;
+    let failed = |e: Error| {
+        (!matches!(e, Error::ClientIo(_))).then(|| {
+            tracing::info!(%peer, error = %e, "client login failed");
+            let mut out = BytesMut::new();
+            e.encode(&mut out);
+            out
+        })
+    };
     let login = match tokio::time::timeout(timeout, login(&shared, &mut stream)).await {
-        Ok(Ok(Some(login))) => login,
+        Ok(Ok(Some(LoggedIn::Client(login)))) => login,
+        Ok(Ok(Some(LoggedIn::Admin {
+            _slot,
+            user,
+            application_name,
+            buf,
+            out,
+        }))) => {
+            let served =
+                crate::admin::serve(&shared, &mut stream, &user, &application_name, buf, out);
+            if let Err(e) = served.await {
+                if let Some(out) = failed(e) {
+                    let _ = stream.write_all(&out).await;
+                }
+            }
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
-            if !matches!(e, Error::ClientIo(_)) {
-                tracing::info!(%peer, error = %e, "client login failed");
-                let mut out = BytesMut::new();
-                e.encode(&mut out);
+            if let Some(out) = failed(e) {
                 let _ = stream.write_all(&out).await;
             }
             return;
@@ -281,7 +302,20 @@ async fn watch_servers(shared: std::sync::Weak<Shared>) {
     }
 }
 
-type LoggedIn = (
+/// A login that succeeded: a client of a database, or of the admin console
+/// (served after the login timeout, which must not cut a console session).
+enum LoggedIn {
+    Client(ClientLogin),
+    Admin {
+        _slot: crate::shared::ClientSlot,
+        user: String,
+        application_name: String,
+        buf: BytesMut,
+        out: BytesMut,
+    },
+}
+
+type ClientLogin = (
     crate::shared::ClientSlot,
     i32,
     BytesMut,
@@ -389,8 +423,13 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
             return Err(Error::NotAdmin(user_name));
         }
         let application_name = startup.param("application_name").unwrap_or_default();
-        crate::admin::serve(shared, stream, &user_name, application_name, buf, out).await?;
-        return Ok(None);
+        return Ok(Some(LoggedIn::Admin {
+            _slot: slot,
+            user: user_name,
+            application_name: application_name.to_owned(),
+            buf,
+            out,
+        }));
     }
     let database = shared
         .database(&database_name)
@@ -421,7 +460,7 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
     backend::encode_backend_key_data(&mut out, process_id, secret_key);
     backend::encode_ready_for_query(&mut out, TransactionStatus::Idle);
     write(stream, &mut out).await?;
-    Ok(Some((
+    Ok(Some(LoggedIn::Client((
         slot,
         process_id,
         buf,
@@ -436,7 +475,7 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
                 .unwrap_or_default()
                 .to_owned(),
         ),
-    )))
+    ))))
 }
 
 async fn authenticate(

@@ -115,10 +115,18 @@ impl PoolCore {
     /// Takes a slot if the pool is neither paused nor closing and has room.
     #[inline]
     fn try_enter(&self) -> bool {
-        if self.blocked.load(Ordering::Relaxed) != 0 {
+        if self.blocked.load(Ordering::Relaxed) != 0 || !self.try_take() {
             return false;
         }
-        self.try_take()
+        // PAUSE sets the flag, then counts the slots taken; this takes a
+        // slot, then looks at the flag again (both SeqCst), so one of the
+        // two sees the other: PAUSE never answers while a checkout that
+        // missed the flag goes through.
+        if self.blocked.load(Ordering::SeqCst) != 0 {
+            self.leave();
+            return false;
+        }
+        true
     }
 
     fn try_take(&self) -> bool {
@@ -528,7 +536,12 @@ impl Pool {
             }
             let paused = flags & blocked::PAUSED != 0;
             if !paused && core.try_take() {
-                return Ok(());
+                // As in `try_enter`: a PAUSE that began meanwhile wins.
+                if core.blocked.load(Ordering::SeqCst) & blocked::PAUSED == 0 {
+                    return Ok(());
+                }
+                core.leave();
+                continue;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(if paused {

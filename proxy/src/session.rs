@@ -252,9 +252,9 @@ pub struct Session {
     /// What this transaction's writes invalidate in the cache when it ends.
     cache_writes: Invalidations,
     in_flight: Option<InFlight>,
-    /// A request the client pipelined behind the one in flight (later ones
-    /// join it).
-    queued: Option<InFlight>,
+    /// Requests the client pipelined behind the one in flight, oldest
+    /// first (at most `PIPELINED_MAX`; later ones join the last).
+    queued: std::collections::VecDeque<InFlight>,
     /// The latency histogram of the last request's route (looked up again
     /// only when the route changes).
     route_histogram: Option<(Route, Arc<LatencyHistogram>)>,
@@ -358,7 +358,7 @@ impl Session {
             fill: None,
             cache_writes: Invalidations::default(),
             in_flight: None,
-            queued: None,
+            queued: std::collections::VecDeque::new(),
             route_histogram: None,
             slo,
             xact_start_us: now,
@@ -698,14 +698,17 @@ impl Session {
     }
 
     /// Reports a non-fatal error for the message with `tag`: the client
-    /// learns at once, an extended batch skips to its Sync, and a refusal
+    /// learns at once, an extended batch skips to its Sync, and an error
     /// inside a transaction aborts it as a PostgreSQL error would.
     fn report(&mut self, e: Error, tag: u8) -> Result<()> {
         if e.is_fatal() {
             return Err(e);
         }
         self.keep_read();
-        if matches!(e, Error::Refused(_)) && self.txn_status != TransactionStatus::Idle {
+        if self.txn_status != TransactionStatus::Idle {
+            // Any failed statement aborts the transaction, as in PostgreSQL:
+            // a pool that stayed exhausted or paused must not let the
+            // client COMMIT the statements around the one that failed.
             self.aborted_locally = true;
             self.txn_status = TransactionStatus::Failed;
         }
@@ -785,7 +788,10 @@ impl Session {
 
     async fn on_client_frame(&mut self, frame: Frame) -> Result<()> {
         let tag = frame.tag();
-        self.track_request(&frame);
+        if self.retry_attempts == 0 {
+            // (A read sent again is the same request.)
+            self.track_request(&frame);
+        }
         // A read may be sent again only while it is the only thing in
         // flight: anything behind it would be lost or answered out of order.
         // The rest of its own extended-protocol batch joins it.

@@ -371,3 +371,58 @@ async fn slow_requests_are_logged_at_info_with_their_route_and_sql_only_at_debug
         "statement spans are inside their session's:\n{debug}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_each_timed_and_counted() {
+    let env = Env::with(Options {
+        pool_size: 2,
+        proxy_extra: OBSERVED.into(),
+        ..Options::default()
+    })
+    .await;
+    let addr = env.metrics.expect("the metrics listener is bound");
+    let mut raw = crate::raw::Raw::login(env.addr).await;
+    raw.query("SELECT 0");
+    raw.until_ready().await;
+    let route = [("shard", "home"), ("role", "primary"), ("cached", "false")];
+    let timed =
+        |s: &prometheus_parse::Scrape| sum(s, "shardline_statement_duration_seconds_count", &route);
+    let queries = |s: &prometheus_parse::Scrape| sum(s, "shardline_queries_total", &[]);
+    let before = scrape(addr).await;
+    // Five requests in one write: three Queries, a Sync on its own, and an
+    // extended-protocol statement; five ReadyForQuery messages.
+    raw.query("SELECT 1")
+        .query("SELECT pg_sleep(0.3)")
+        .query("SELECT 3");
+    raw.sync();
+    raw.parse("", "SELECT 4").bind("", &[]).execute().sync();
+    let mut ready = 0;
+    raw.replies(|r| {
+        ready += usize::from(r.starts_with("Z:"));
+        ready == 5
+    })
+    .await;
+    let after = scrape(addr).await;
+    assert_eq!(queries(&after) - queries(&before), 5.0);
+    assert_eq!(timed(&after) - timed(&before), 5.0);
+    // SELECT 1 was answered before the sleep began: fast. The sleep, and
+    // the three requests queued behind it, waited 0.3 s.
+    let slow = |s: &prometheus_parse::Scrape| {
+        let h = s
+            .samples
+            .iter()
+            .find(|x| {
+                x.metric == "shardline_statement_duration_seconds"
+                    && route.iter().all(|(k, v)| x.labels.get(k) == Some(*v))
+            })
+            .expect("the route's histogram");
+        match &h.value {
+            prometheus_parse::Value::Histogram(b) => {
+                let at = |bound: f64| b.iter().find(|x| x.less_than == bound).unwrap().count;
+                at(f64::INFINITY) - at(0.25)
+            }
+            v => panic!("not a histogram: {v:?}"),
+        }
+    };
+    assert_eq!(slow(&after) - slow(&before), 4.0);
+}

@@ -409,3 +409,62 @@ async fn what_the_catalog_knows_decides_what_is_refused() {
         assert!(exists, "floats was dropped on shard {shard}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_failed_statement_aborts_the_transaction_even_before_it_has_a_server() {
+    // One server connection per shard, and a short wait for it.
+    let options = crate::harness::Options {
+        pool_size: 1,
+        proxy_extra: "checkout_timeout = \"300ms\"".into(),
+        ..Default::default()
+    };
+    let env = ShardedEnv::with(2, options).await;
+    env.declare("accounts", "id", KeyType::Int8, 8).await;
+    env.client()
+        .await
+        .batch_execute("CREATE TABLE accounts (id int8 PRIMARY KEY, v int4 NOT NULL)")
+        .await
+        .expect("create through the proxy");
+    let owner = env.owner("accounts", &KeyValue::Int8(1));
+    let same: Vec<i64> = (2..1000)
+        .filter(|id| env.owner("accounts", &KeyValue::Int8(*id)) == owner)
+        .take(2)
+        .collect();
+
+    // Another client's transaction holds the shard's only connection.
+    let mut holder = env.client().await;
+    let held = holder.transaction().await.expect("begin");
+    held.execute("INSERT INTO accounts (id, v) VALUES (1, 1)", &[])
+        .await
+        .expect("insert");
+
+    // BEGIN is answered by the proxy; the first statement finds no
+    // connection and fails...
+    let mut db = env.client().await;
+    let tx = db.transaction().await.expect("begin");
+    let err = tx
+        .execute("INSERT INTO accounts (id, v) VALUES ($1, 1)", &[&same[0]])
+        .await
+        .expect_err("the pool is exhausted");
+    assert_eq!(sqlstate(&err), "53300", "{err}");
+    held.commit().await.expect("the holder commits");
+    // ... and, as after any PostgreSQL error, the transaction is aborted:
+    // the next statement must not run and COMMIT must not keep it.
+    let err = tx
+        .execute("INSERT INTO accounts (id, v) VALUES ($1, 1)", &[&same[1]])
+        .await
+        .expect_err("aborted transaction");
+    assert_eq!(sqlstate(&err), "25P02", "{err}");
+    tx.batch_execute("COMMIT")
+        .await
+        .expect("COMMIT answered (ROLLBACK)");
+    drop(tx);
+    let n: i64 = env
+        .direct(owner.0 as usize)
+        .await
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 1, "only the holder's row");
+}

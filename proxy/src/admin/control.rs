@@ -74,15 +74,23 @@ pub async fn pause(shared: &Shared, database: Option<&str>, out: &mut BytesMut) 
     for pool in &pools {
         pool.set_paused(true);
     }
+    // Undone unless it completes: on timeout, and if the console's client
+    // goes away (the future is dropped) while it waits.
+    let mut guard = PauseGuard {
+        shared,
+        database,
+        completed: false,
+    };
     let timeout = shared.effective().proxy.pause_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let in_use: u32 = pools.iter().map(|p| p.in_use()).sum();
         if in_use == 0 {
+            guard.completed = true;
             return rows::encode_command_complete(out, b"PAUSE");
         }
         if tokio::time::Instant::now() >= deadline {
-            undo_pause(shared, database);
+            drop(guard);
             let message = format!(
                 "PAUSE did not complete: {in_use} server connections were still in use after \
                  {timeout:?} (pause_timeout); the pause was undone"
@@ -90,6 +98,21 @@ pub async fn pause(shared: &Shared, database: Option<&str>, out: &mut BytesMut) 
             return error(out, "57014", &message);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Undoes a PAUSE that did not complete, when dropped.
+struct PauseGuard<'a> {
+    shared: &'a Shared,
+    database: Option<&'a str>,
+    completed: bool,
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        if !self.completed {
+            undo_pause(self.shared, self.database);
+        }
     }
 }
 

@@ -4,8 +4,8 @@
 //! A request starts with the client's first message of it (a Query, or the
 //! first extended-protocol message after a ReadyForQuery) and ends with the
 //! ReadyForQuery that answers it, before the server connection goes back to
-//! its pool, so its shard and role are still at hand. One request the
-//! client pipelines behind it is timed from its own first message.
+//! its pool, so its shard and role are still at hand. Requests the client
+//! pipelines behind it are timed from their own first messages.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,12 +19,18 @@ use crate::error::Error;
 use crate::statement_stats::{Route, RouteRole, RouteShard};
 use wire::backend::{self, TransactionStatus};
 
+/// Requests timed separately behind the one in flight; a client that
+/// pipelines more has the rest timed as one.
+const PIPELINED_MAX: usize = 64;
+
 /// The SQL text put in a statement span is cut at this many bytes.
 const SPAN_SQL_BYTES_MAX: usize = 4096;
 
 impl Session {
     /// Starts timing a request at its first message, and notes its end
-    /// (Sync, Query) as sent.
+    /// (Sync, Query, FunctionCall) as sent. Each of those gets exactly one
+    /// ReadyForQuery, so a Sync with nothing before it is a request of its
+    /// own, and requests and ReadyForQuery messages pair up in order.
     pub(super) fn track_request(&mut self, frame: &Frame) {
         let tag = frame.tag();
         let starts = matches!(
@@ -35,16 +41,18 @@ impl Session {
                 | frontend::DESCRIBE
                 | frontend::EXECUTE
                 | frontend::FUNCTION_CALL
+                | frontend::SYNC
         );
         if starts {
-            match (&self.in_flight, &self.queued) {
-                (None, _) => {
+            let latest = self.queued.back().or(self.in_flight.as_ref());
+            match latest {
+                None => {
                     let request = self.new_request(frame);
                     self.in_flight = Some(request);
                 }
-                (Some(r), None) if r.closed => {
+                Some(r) if r.closed && self.queued.len() < PIPELINED_MAX => {
                     let request = self.new_request(frame);
-                    self.queued = Some(request);
+                    self.queued.push_back(request);
                 }
                 _ => {}
             }
@@ -53,7 +61,7 @@ impl Session {
             tag,
             frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
         ) {
-            if let Some(r) = self.queued.as_mut().or(self.in_flight.as_mut()) {
+            if let Some(r) = self.queued.back_mut().or(self.in_flight.as_mut()) {
                 r.closed = true;
             }
         }
@@ -74,7 +82,7 @@ impl Session {
             self.count_query(status, now, elapsed_us);
             self.record(request, now, elapsed_us);
         }
-        self.in_flight = self.queued.take();
+        self.in_flight = self.queued.pop_front();
     }
 
     fn new_request(&mut self, frame: &Frame) -> InFlight {
