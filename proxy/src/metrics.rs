@@ -201,7 +201,7 @@ impl Collector for ProxyCollector {
             return Ok(());
         };
         let e = &mut encoder;
-        let max = shared.config.proxy.max_client_connections;
+        let max = shared.effective().proxy.max_client_connections;
         gauge(
             e,
             "shardline_client_connections",

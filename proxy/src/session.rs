@@ -252,6 +252,9 @@ pub struct Session {
     /// What this transaction's writes invalidate in the cache when it ends.
     cache_writes: Invalidations,
     in_flight: Option<InFlight>,
+    /// `SHUTDOWN` closed the client's read side while a request was on its
+    /// way: the session ends once it is answered.
+    client_shut: bool,
     /// Requests the client pipelined behind the one in flight, oldest
     /// first (at most `PIPELINED_MAX`; later ones join the last).
     queued: std::collections::VecDeque<InFlight>,
@@ -358,6 +361,7 @@ impl Session {
             fill: None,
             cache_writes: Invalidations::default(),
             in_flight: None,
+            client_shut: false,
             queued: std::collections::VecDeque::new(),
             route_histogram: None,
             slo,
@@ -399,8 +403,19 @@ impl Session {
         }
         self.process_server()?;
         self.write_ready()?;
+        if self.client_shut
+            && (self.server.is_none() || (self.pending.is_empty() && self.in_flight.is_none()))
+        {
+            // SHUTDOWN closed the client's read side while a request was on
+            // its way: it has its reply now (or has no server to get one).
+            Error::ShuttingDown.encode(&mut self.cout);
+            return Ok(true);
+        }
         self.maybe_release();
 
+        // A request on its way when SHUTDOWN closes the client's read side
+        // is finished first, so the client learns whether it committed.
+        let busy = self.in_flight.is_some() || !self.pending.is_empty();
         // Back-pressure: read a side only while the other side's output has room.
         let (mut received, mut sent) = (0, 0);
         let Session {
@@ -410,10 +425,11 @@ impl Session {
             server,
             sout,
             shared,
+            client_shut,
             ..
         } = self;
         let (mut client_rd, mut client_wr) = client.split();
-        let read_client = cout.len() < buffer_max && sout.len() < buffer_max;
+        let read_client = cout.len() < buffer_max && sout.len() < buffer_max && !*client_shut;
         let read_server = cout.len() < buffer_max;
         cbuf.reserve(8192);
         match server.as_deref_mut() {
@@ -438,7 +454,11 @@ impl Session {
                     r = client_rd.read_buf(cbuf), if read_client => {
                         received = r.map_err(Error::ClientIo)?;
                         if received == 0 {
-                            return client_eof(cbuf, shared, cout).map(|()| true);
+                            if busy && shared.is_stopping() {
+                                *client_shut = true;
+                            } else {
+                                return client_eof(cbuf, shared, cout).map(|()| true);
+                            }
                         }
                     }
                 }

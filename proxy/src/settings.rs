@@ -85,6 +85,13 @@ pub fn settings(config: &Config) -> Vec<Setting> {
     admin(&mut rows, &config.admin);
     replicas(&mut rows, &config.replicas);
     cache(&mut rows, &config.cache);
+    for slo in &config.slo {
+        let key = |what: &str| format!("slo.{}.{what}", slo.database);
+        let latency = slo.latency.map(|l| l.to_string());
+        rows.push(key("latency"), latency, None, false);
+        let errors = slo.errors.map(|e| format!("< {}%", e * 100.0));
+        rows.push(key("errors"), errors, None, false);
+    }
     let endpoints = config.metadata.as_ref().map(|m| m.endpoints.join(","));
     rows.push("metadata.endpoints".into(), endpoints, None, false);
     if let Some(m) = &config.metadata {
@@ -153,6 +160,13 @@ fn proxy(rows: &mut Rows, p: &ProxyConfig) {
         "proxy.worker_threads",
         n(p.worker_threads),
         n(d.worker_threads),
+        false,
+    );
+    // Read on every request from the startup config: a restart applies it.
+    rows.push(
+        "proxy.log_min_duration".into(),
+        p.log_min_duration.map(duration),
+        None,
         false,
     );
     rows.set(
