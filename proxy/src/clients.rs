@@ -215,10 +215,14 @@ impl Clients {
         let inner = self.inner.lock().expect("lock poisoned");
         let mut totals = inner.retired.clone();
         for client in inner.live.values() {
-            totals
-                .entry(client.database.clone())
-                .or_default()
-                .add(&client.counters);
+            // A name is cloned once per database, not once per client.
+            match totals.get_mut(&client.database) {
+                Some(t) => t.add(&client.counters),
+                None => totals
+                    .entry(client.database.clone())
+                    .or_default()
+                    .add(&client.counters),
+            }
         }
         totals
     }

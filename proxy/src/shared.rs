@@ -18,6 +18,9 @@ pub struct Control {
     pub paused_all: bool,
     pub paused: BTreeSet<String>,
     pub closing: bool,
+    /// Counts PAUSE and RESUME commands, so that a PAUSE undoing itself
+    /// (timed out, or its console gone) never undoes a later command's state.
+    pub generation: u64,
 }
 
 impl Control {

@@ -727,3 +727,45 @@ async fn shutdown_lets_open_transactions_commit_then_stops() {
     let count = value(&direct, "SELECT count(*) FROM shut").await;
     assert_eq!(count, "2", "the committed rows are on the server");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_pause_neither_claims_success_nor_undoes_a_later_one() {
+    let env = Console::start(4).await;
+    env.rewrite(4, "pause_timeout = \"1s\"");
+    let reload = env.psql("RELOAD").await;
+    assert!(reload.success, "{}", reload.stderr);
+    let writer = env.client("writer").await;
+    writer.simple_query("BEGIN").await.expect("BEGIN");
+    writer.simple_query("SELECT 1").await.expect("SELECT");
+
+    // PAUSE A waits for the open transaction...
+    let admin = env.admin().await;
+    let first = tokio::spawn(async move { admin.simple_query("PAUSE").await.map(drop) });
+    let env = &env;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            env.pool().await["paused"] == "1"
+        })
+        .await,
+        "the pool was never paused"
+    );
+    // ... meanwhile another operator resumes, the transaction ends, and a
+    // second PAUSE completes at once.
+    assert!(env.psql("RESUME").await.success);
+    writer.simple_query("COMMIT").await.expect("COMMIT");
+    let second = env.psql("PAUSE").await;
+    assert!(second.success, "{}", second.stderr);
+    // A gives up after pause_timeout...
+    let first = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the first PAUSE gave up")
+        .expect("join");
+    assert!(
+        first.is_err(),
+        "the first PAUSE was resumed before it completed"
+    );
+    // ... and leaves the second PAUSE standing.
+    assert_eq!(env.pool().await["paused"], "1");
+    assert!(env.psql("RESUME").await.success);
+    assert_eq!(env.pool().await["paused"], "0");
+}

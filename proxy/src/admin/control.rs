@@ -12,7 +12,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use wire::{backend, rows};
 
-use crate::shared::Shared;
+use std::sync::Arc;
+
+use crate::pool::{Pool, PoolKey};
+use crate::shared::{Control, Shared};
 
 fn notice(out: &mut BytesMut, severity: &str, message: &str) {
     backend::encode_error(out, backend::NOTICE_RESPONSE, severity, "00000", message);
@@ -49,7 +52,7 @@ pub async fn pause(shared: &Shared, database: Option<&str>, out: &mut BytesMut) 
             return error(out, "3D000", &format!("database \"{db}\" does not exist"));
         }
     }
-    {
+    let generation = {
         let mut control = shared.control.lock().expect("lock poisoned");
         let already = match database {
             None => control.paused_all,
@@ -65,7 +68,9 @@ pub async fn pause(shared: &Shared, database: Option<&str>, out: &mut BytesMut) 
                 control.paused.insert(db.to_owned());
             }
         }
-    }
+        control.generation += 1;
+        control.generation
+    };
     // After the state is set: a pool made from now on starts paused.
     let pools: Vec<_> = (shared.pools.all().into_iter())
         .filter(|((db, _, _), _)| database.map_or(true, |d| d == db))
@@ -79,11 +84,21 @@ pub async fn pause(shared: &Shared, database: Option<&str>, out: &mut BytesMut) 
     let mut guard = PauseGuard {
         shared,
         database,
+        generation,
         completed: false,
     };
     let timeout = shared.effective().proxy.pause_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
+        if shared.control.lock().expect("lock poisoned").generation != generation {
+            // A RESUME (or a PAUSE after one) came first: its state stands.
+            guard.completed = true;
+            return error(
+                out,
+                "57014",
+                "PAUSE was superseded by a RESUME before every server connection came back",
+            );
+        }
         let in_use: u32 = pools.iter().map(|p| p.in_use()).sum();
         if in_use == 0 {
             guard.completed = true;
@@ -105,41 +120,36 @@ pub async fn pause(shared: &Shared, database: Option<&str>, out: &mut BytesMut) 
 struct PauseGuard<'a> {
     shared: &'a Shared,
     database: Option<&'a str>,
+    /// The control generation this PAUSE set.
+    generation: u64,
     completed: bool,
 }
 
 impl Drop for PauseGuard<'_> {
     fn drop(&mut self) {
-        if !self.completed {
-            undo_pause(self.shared, self.database);
+        if self.completed {
+            return;
         }
-    }
-}
-
-fn undo_pause(shared: &Shared, database: Option<&str>) {
-    {
-        let mut control = shared.control.lock().expect("lock poisoned");
-        match database {
+        let pools = self.shared.pools.all();
+        let mut control = self.shared.control.lock().expect("lock poisoned");
+        if control.generation != self.generation {
+            return; // a RESUME or another PAUSE came since: its state stands
+        }
+        match self.database {
             None => control.paused_all = false,
             Some(db) => {
                 control.paused.remove(db);
             }
         }
+        unpause_pools(&control, &pools);
     }
-    unpause_pools(shared);
 }
 
-/// Lets every pool that is no longer paused hand out connections again.
-fn unpause_pools(shared: &Shared) {
-    let pools = shared.pools.all();
-    let control = shared.control.lock().expect("lock poisoned");
-    let still: Vec<bool> = pools
-        .iter()
-        .map(|((db, _, _), _)| control.is_paused(db))
-        .collect();
-    drop(control);
-    for ((_, pool), still) in pools.iter().zip(still) {
-        if !still {
+/// Lets every pool that is no longer paused hand out connections again
+/// (under the control lock, so a PAUSE cannot come in between).
+fn unpause_pools(control: &Control, pools: &[(PoolKey, Arc<Pool>)]) {
+    for ((db, _, _), pool) in pools {
+        if !control.is_paused(db) {
             pool.set_paused(false);
         }
     }
@@ -147,6 +157,7 @@ fn unpause_pools(shared: &Shared) {
 
 /// `RESUME` (everything) or `RESUME db`.
 pub fn resume(shared: &Shared, database: Option<&str>, out: &mut BytesMut) {
+    let pools = shared.pools.all();
     {
         let mut control = shared.control.lock().expect("lock poisoned");
         let paused = match database {
@@ -173,8 +184,9 @@ pub fn resume(shared: &Shared, database: Option<&str>, out: &mut BytesMut) {
                 control.paused.remove(db);
             }
         }
+        control.generation += 1;
+        unpause_pools(&control, &pools);
     }
-    unpause_pools(shared);
     rows::encode_command_complete(out, b"RESUME");
 }
 
