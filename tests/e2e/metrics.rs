@@ -282,80 +282,106 @@ async fn requests_are_timed_by_route_errors_counted_by_class_and_slos_reported()
     assert!(targets.contains(&"errors < 10%"), "{targets:?}");
 }
 
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-/// Logs of a proxy running on this thread (a current-thread runtime runs
-/// its tasks here) while `body` runs, at `filter`.
-async fn logs_of(filter: &str, env: &Env, body: impl std::future::Future<Output = ()>) -> String {
-    let _ = env;
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let guard = tracing::subscriber::set_default(subscriber);
-    body.await;
-    drop(guard);
-    captured.text()
-}
-
-#[tokio::test]
-async fn slow_requests_are_logged_at_info_with_their_route_and_sql_only_at_debug() {
-    let env = Env::with(Options {
-        pool_size: 2,
-        proxy_extra: OBSERVED.into(),
-        ..Options::default()
-    })
-    .await;
-    // A session's span belongs to the subscriber of the moment it connects.
-    let run = || async {
-        let client = env.client().await;
-        client.simple_query("SELECT 2").await.expect("fast");
-        client
-            .simple_query("SELECT pg_sleep(0.3), 'marker-sql'")
+/// `shardline proxy` (the binary) in front of `env`'s PostgreSQL with a
+/// 200 ms slow-statement threshold, logging with `RUST_LOG=filter` and
+/// `--log-format format` while `queries` run through it; its stderr
+/// (logs in a separate process: in-process subscribers race with the
+/// other tests' callsite caches under `cargo test`).
+async fn proxy_logs(env: &Env, filter: &str, format: &str, queries: &[&str]) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("shardline.toml");
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nlog_min_duration = \"200ms\"\n\n[admin]\n\
+         listen = \"off\"\n\n[[users]]\nname = \"app\"\npassword = \"{}\"\n\n\
+         [[databases]]\nname = \"db\"\nport = {}\ndbname = \"postgres\"\n\
+         server_user = \"postgres\"\nserver_password = \"postgres\"\n",
+        crate::harness::APP_PASSWORD,
+        env.pg.port()
+    );
+    std::fs::write(&config, text).expect("write the config");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardline"))
+        .args(["--log-format", format, "proxy", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", filter)
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start shardline proxy");
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut log = String::new();
+    let addr = loop {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
             .await
-            .expect("slow");
+            .expect("the proxy starts within 30 s")
+            .expect("read stderr")
+            .unwrap_or_else(|| panic!("the proxy exited:\n{log}"));
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(at) = line.find("127.0.0.1:") {
+            if line.contains("listening") {
+                let port: String = line[at + 10..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                break format!("127.0.0.1:{port}");
+            }
+        }
     };
+    let addr: SocketAddr = addr.parse().expect("the listening address");
+    let client = crate::harness::connect(addr, "app", crate::harness::APP_PASSWORD, "db")
+        .await
+        .expect("connect through the proxy");
+    for sql in queries {
+        client.simple_query(sql).await.expect(sql);
+    }
+    drop(client);
+    // The last request's events are written before its reply is sent.
+    child.start_kill().expect("stop the proxy");
+    while let Ok(Some(line)) = lines.next_line().await {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let _ = child.wait().await;
+    log
+}
 
-    let info = logs_of("info", &env, run()).await;
-    let slow: Vec<&str> = info
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_are_logged_at_info_with_their_route_and_sql_only_at_debug() {
+    let env = Env::start().await;
+    let queries = ["SELECT 2", "SELECT pg_sleep(0.3), 'marker-sql'"];
+
+    // INFO, as JSON: one slow request, its route, no SQL.
+    let info = proxy_logs(&env, "info", "json", &queries).await;
+    let slow: Vec<serde_json::Value> = info
         .lines()
         .filter(|l| l.contains("slow statement"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
     assert_eq!(slow.len(), 1, "one slow request logged:\n{info}");
-    let line = slow[0];
-    for field in [
-        "shard=home",
-        "role=\"primary\"",
-        "database=db",
-        "user=app",
-        "cached=false",
-    ] {
-        assert!(line.contains(field), "{field} missing from {line}");
-    }
+    let fields = &slow[0]["fields"];
+    assert_eq!(slow[0]["level"], "INFO", "{}", slow[0]);
+    assert_eq!(fields["shard"], "home", "{}", slow[0]);
+    assert_eq!(fields["role"], "primary", "{}", slow[0]);
+    assert_eq!(fields["database"], "db", "{}", slow[0]);
+    assert_eq!(fields["user"], "app", "{}", slow[0]);
+    assert!(
+        fields["duration_ms"].as_f64().unwrap() >= 300.0,
+        "{}",
+        slow[0]
+    );
     assert!(!info.contains("marker-sql"), "SQL logged at INFO:\n{info}");
 
-    let debug = logs_of("debug", &env, run()).await;
+    // DEBUG for statements, as text: a span per statement with its SQL and
+    // duration, inside its session's span.
+    let debug = proxy_logs(
+        &env,
+        "info,shardline::statement=debug,proxy::listener=debug",
+        "text",
+        &queries,
+    )
+    .await;
     let done: Vec<&str> = debug
         .lines()
         .filter(|l| l.contains("statement done"))
