@@ -180,7 +180,7 @@ fn show_slo(shared: &Shared, out: &mut BytesMut) {
             "status",
         ],
     );
-    let now = std::time::Instant::now();
+    let now = shared.clock.now_us();
     let mut count = 0;
     for slo in shared.statements.slos() {
         for s in slo.standings(now) {

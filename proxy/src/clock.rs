@@ -8,30 +8,25 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+#[derive(Clone, Copy, Debug)]
 pub struct Clock {
     started: Instant,
     started_wall: SystemTime,
 }
 
 impl Clock {
-    /// A clock for one proxy. It lives as long as the process, so that
-    /// pools and sessions reach it through a plain reference.
-    pub fn start() -> &'static Clock {
-        Box::leak(Box::new(Clock {
+    /// A clock for one proxy, starting now (two words: pools copy it).
+    pub fn start() -> Clock {
+        Clock {
             started: Instant::now(),
             started_wall: SystemTime::now(),
-        }))
+        }
     }
 
     /// Microseconds since the proxy started.
     #[inline]
     pub fn now_us(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
-    }
-
-    /// The monotonic instant of a reading of [`Clock::now_us`].
-    pub fn instant(&self, us: u64) -> Instant {
-        self.started + Duration::from_micros(us)
     }
 
     /// The wall-clock time of a reading of [`Clock::now_us`].

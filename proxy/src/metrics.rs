@@ -304,7 +304,7 @@ fn statements(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
             (labels, n)
         }),
     )?;
-    let now = std::time::Instant::now();
+    let now = shared.clock.now_us();
     let mut burn = Vec::new();
     for slo in stats.slos() {
         for s in slo.standings(now) {

@@ -81,7 +81,7 @@ pub struct PoolCore {
     timed_out: AtomicU64,
     wait_us: AtomicU64,
     servers: Mutex<BTreeMap<u64, Arc<ServerInfo>>>,
-    clock: &'static Clock,
+    clock: Clock,
 }
 
 /// The settings `RELOAD` may change in a pool.
@@ -380,7 +380,7 @@ impl Pool {
         (database, user): (String, String),
         target: ServerTarget,
         settings: PoolSettings,
-        clock: &'static Clock,
+        clock: Clock,
     ) -> Pool {
         let core: &'static PoolCore = Box::leak(Box::new(PoolCore {
             id,

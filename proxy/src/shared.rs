@@ -52,7 +52,7 @@ pub struct Shared {
     /// Per-process secret that makes SCRAM exchanges for unknown users look real.
     pub mock_nonce: [u8; 32],
     /// The clock sessions time their statistics by.
-    pub clock: &'static Clock,
+    pub clock: Clock,
     /// Every connected client.
     pub clients: Arc<Clients>,
     /// `SHOW STATS` averages.

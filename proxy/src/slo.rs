@@ -11,7 +11,7 @@
 //! 5-minute and 1-hour windows are sums over slots.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -118,7 +118,7 @@ fn error_objective<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>
 
 #[derive(Default)]
 struct Slot {
-    /// Which 10-second period (counted from the window's start, plus one)
+    /// Which 10-second period (counted from the proxy's start, plus one)
     /// the counts are for; 0: never used.
     period: AtomicU64,
     statements: AtomicU64,
@@ -159,7 +159,6 @@ impl Standing {
 
 pub struct SloWindow {
     config: SloConfig,
-    start: Instant,
     slots: Box<[Slot]>,
 }
 
@@ -167,7 +166,6 @@ impl SloWindow {
     pub fn new(config: SloConfig) -> SloWindow {
         SloWindow {
             config,
-            start: Instant::now(),
             slots: (0..SLOTS).map(|_| Slot::default()).collect(),
         }
     }
@@ -176,13 +174,14 @@ impl SloWindow {
         &self.config.database
     }
 
-    fn period(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.start).as_secs() / SLOT_SECONDS + 1
+    /// `now_us`: microseconds since the proxy started (`Shared::clock`).
+    fn period(now_us: u64) -> u64 {
+        now_us / (SLOT_SECONDS * 1_000_000) + 1
     }
 
-    /// Records a statement that ended at `now` after `elapsed`.
-    pub fn record(&self, now: Instant, elapsed: Duration, failed: bool) {
-        let period = self.period(now);
+    /// Records a statement that ended at `now_us` after `elapsed`.
+    pub fn record(&self, now_us: u64, elapsed: Duration, failed: bool) {
+        let period = Self::period(now_us);
         let slot = &self.slots[(period % SLOTS) as usize];
         let seen = slot.period.load(Ordering::Acquire);
         if seen < period
@@ -206,9 +205,9 @@ impl SloWindow {
         }
     }
 
-    /// Counts over the `window` that ends at `now` (whole slots).
-    pub fn totals(&self, now: Instant, window: Duration) -> Totals {
-        let current = self.period(now);
+    /// Counts over the `window` that ends at `now_us` (whole slots).
+    pub fn totals(&self, now_us: u64, window: Duration) -> Totals {
+        let current = Self::period(now_us);
         let periods = (window.as_secs() / SLOT_SECONDS).clamp(1, SLOTS);
         let oldest = current.saturating_sub(periods - 1).max(1);
         let mut totals = Totals::default();
@@ -224,10 +223,10 @@ impl SloWindow {
     }
 
     /// Each objective's standing over each of [`WINDOWS`].
-    pub fn standings(&self, now: Instant) -> Vec<Standing> {
+    pub fn standings(&self, now_us: u64) -> Vec<Standing> {
         let mut out = Vec::new();
         for (window, length) in WINDOWS {
-            let t = self.totals(now, length);
+            let t = self.totals(now_us, length);
             let mut push = |objective, target: String, bad: u64, allowed: f64| {
                 let bad_ratio = if t.statements == 0 {
                     0.0
@@ -297,14 +296,14 @@ mod tests {
     #[test]
     fn burn_rate_is_the_bad_share_over_the_budget_per_window() {
         let w = window("p99 < 5ms", "< 1%");
-        let t0 = w.start;
-        // An hour ago-ish: 100 statements, all slow; only the 1 h window sees them.
-        let early = t0 + Duration::from_secs(60);
+        let sec = 1_000_000; // microseconds
+                           // An hour ago-ish: 100 statements, all slow; only the 1 h window sees them.
+        let early = 60 * sec;
         for _ in 0..100 {
             w.record(early, Duration::from_millis(50), false);
         }
         // Now: 1000 statements, 5 slow and 20 failed.
-        let now = t0 + Duration::from_secs(3000);
+        let now = 3000 * sec;
         for i in 0..1000 {
             let elapsed = Duration::from_millis(if i < 5 { 6 } else { 1 });
             w.record(now, elapsed, i % 50 == 0);
@@ -327,7 +326,7 @@ mod tests {
         let l1h = get("latency", "1h");
         assert_eq!((l1h.statements, l1h.bad), (1100, 105));
         // A slot reused an hour later starts from zero.
-        let later = early + Duration::from_secs(SLOTS * SLOT_SECONDS);
+        let later = early + SLOTS * SLOT_SECONDS * sec;
         w.record(later, Duration::from_millis(1), false);
         assert_eq!(
             w.totals(later, Duration::from_secs(10)),
@@ -342,7 +341,7 @@ mod tests {
     #[test]
     fn without_traffic_nothing_burns() {
         let w = window("p99 < 5ms", "< 1%");
-        for s in w.standings(Instant::now()) {
+        for s in w.standings(0) {
             assert_eq!(s.statements, 0);
             assert_eq!(s.burn_rate, 0.0);
             assert!(s.met());

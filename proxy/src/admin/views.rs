@@ -156,7 +156,7 @@ pub fn show_pools(shared: &Shared, out: &mut BytesMut) {
         ],
     );
     let clients = shared.clients.all();
-    let clock = shared.clock;
+    let clock = &shared.clock;
     for ((database, user, _), pool) in shared.pools.all() {
         let id = pool.id().0;
         // A client counts in the pool of its last server connection (its
@@ -221,7 +221,7 @@ pub fn show_clients(shared: &Shared, out: &mut BytesMut) {
         ],
     );
     let links = links(shared);
-    let clock = shared.clock;
+    let clock = &shared.clock;
     for (client, state) in client_states(shared) {
         let link = links.get(&client.id);
         let waited = waited_us(clock, &client);
@@ -270,7 +270,7 @@ pub fn show_servers(shared: &Shared, out: &mut BytesMut) {
             "role",
         ],
     );
-    let clock = shared.clock;
+    let clock = &shared.clock;
     for ((database, _, _), pool) in shared.pools.all() {
         let (shard, role) = shard_of(shared, &pool.addr);
         let (addr, port) = split_addr(&pool.addr);

@@ -215,7 +215,7 @@ impl Session {
             }
         }
         if let Some(slo) = &self.slo {
-            slo.record(self.shared.clock.instant(now_us), elapsed, request.failed);
+            slo.record(now_us, elapsed, request.failed);
         }
         if let Some(span) = &request.span {
             span.record("shard", display(route.shard));
