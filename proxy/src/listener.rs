@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,6 +68,7 @@ impl Proxy {
             tokio::spawn(watch_servers(Arc::downgrade(&shared)));
         }
         tokio::spawn(crate::stats::sample(Arc::downgrade(&shared)));
+        tokio::spawn(close_idle_servers(Arc::downgrade(&shared)));
         Ok(Proxy {
             listener,
             shared,
@@ -277,6 +279,30 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     }
     shared.cancels.unregister(process_id);
     drop(slot);
+}
+
+/// Closes the pools' server connections idle past `server_idle_timeout`
+/// (bb8's reaper does not see them: see [`crate::pool::PoolCore`]); stops
+/// with the proxy. Checks a tenth as often as the timeout, at most every 30 s
+/// as bb8 does, so a connection is closed at most 10% late.
+async fn close_idle_servers(shared: std::sync::Weak<Shared>) {
+    let every = match shared.upgrade() {
+        Some(shared) => (shared.config.proxy.server_idle_timeout / 10)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let closed = shared.pools.close_idle();
+        if closed > 0 {
+            tracing::debug!(closed, "closed idle server connections");
+        }
+    }
 }
 
 /// Starts monitoring the servers of every shard as soon as the map names

@@ -367,13 +367,10 @@ fn pools(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> fmt::Result {
         e,
         "shardline_server_connections",
         "Server connections of a pool, by state (active: lent to a client).",
-        pools.iter().flat_map(|(l, _, s, ..)| {
+        pools.iter().flat_map(|(l, _, _, f, _)| {
             [
-                (with(l, "idle"), f64::from(s.idle_connections)),
-                (
-                    with(l, "active"),
-                    f64::from(s.connections - s.idle_connections.min(s.connections)),
-                ),
+                (with(l, "idle"), f64::from(f.idle)),
+                (with(l, "active"), f64::from(f.active)),
             ]
         }),
     )?;

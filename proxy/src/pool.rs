@@ -82,6 +82,22 @@ pub struct PoolCore {
     wait_us: AtomicU64,
     servers: Mutex<BTreeMap<u64, Arc<ServerInfo>>>,
     clock: Clock,
+    /// Idle connections, most recently returned last: the checkout fast
+    /// path. A connection here is checked out of bb8 (bb8 only opens
+    /// connections and closes those given back broken), so a checkout and
+    /// a return are a lock, a push and a pop instead of a pass through
+    /// bb8's queue, statistics and clock. Bounded by the connections open.
+    warm: Mutex<Vec<Warm>>,
+    /// Checkouts served from `warm` (bb8 counts only its own).
+    warm_hits: AtomicU64,
+    /// `server_idle_timeout`, for connections in `warm`.
+    idle_timeout_us: u64,
+}
+
+/// An idle connection in [`PoolCore::warm`], and since when it is idle.
+struct Warm {
+    conn: bb8::PooledConnection<'static, ServerManager>,
+    since_us: u64,
 }
 
 /// The settings `RELOAD` may change in a pool.
@@ -174,7 +190,8 @@ impl Drop for Slot {
 /// connection to bb8 first and then the slot to the gate, so a waiter the
 /// gate lets in finds the connection idle instead of opening another.
 pub struct Pooled {
-    conn: bb8::PooledConnection<'static, ServerManager>,
+    /// Always `Some` until dropped (taken there to go back to `warm`).
+    conn: Option<bb8::PooledConnection<'static, ServerManager>>,
     slot: Slot,
 }
 
@@ -183,30 +200,80 @@ impl std::ops::Deref for Pooled {
 
     #[inline]
     fn deref(&self) -> &Box<ServerConn> {
-        &self.conn
+        self.conn.as_ref().expect("taken only in drop")
     }
 }
 
 impl std::ops::DerefMut for Pooled {
     #[inline]
     fn deref_mut(&mut self) -> &mut Box<ServerConn> {
-        &mut self.conn
+        self.conn.as_mut().expect("taken only in drop")
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
         let core = self.slot.0;
-        let conn: &mut ServerConn = &mut self.conn;
+        let Some(mut pooled) = self.conn.take() else {
+            return;
+        };
+        let conn: &mut ServerConn = &mut pooled;
         conn.info.state.store(server_state::IDLE, Ordering::Relaxed);
         conn.info.link.store(0, Ordering::Relaxed);
-        if !conn.broken {
-            // Plain loads of values that change only at RELOAD and when a
-            // connection opens or closes.
-            let surplus = core.open.load(Ordering::Relaxed) > core.limit.load(Ordering::Relaxed);
-            let age = core.clock.now_us().saturating_sub(conn.info.connected_us);
-            conn.retire = surplus || age >= core.lifetime_us.load(Ordering::Relaxed);
+        if conn.broken {
+            return; // to bb8, which closes it
         }
+        // Plain loads of values that change only at RELOAD and when a
+        // connection opens or closes.
+        let now = core.clock.now_us();
+        let surplus = core.open.load(Ordering::Relaxed) > core.limit.load(Ordering::Relaxed);
+        let age = now.saturating_sub(conn.info.connected_us);
+        conn.retire = surplus || age >= core.lifetime_us.load(Ordering::Relaxed);
+        if !conn.retire {
+            // Before the slot goes back (the field drops after this), so
+            // a checkout the gate lets in finds it.
+            let warm = Warm {
+                conn: pooled,
+                since_us: now,
+            };
+            core.warm.lock().expect("lock poisoned").push(warm);
+        }
+    }
+}
+
+impl PoolCore {
+    /// The most recently returned idle connection that is still usable.
+    /// Connections found closed, out of step or idle past
+    /// `server_idle_timeout` go back to bb8 marked broken, which closes them.
+    #[inline]
+    fn take_warm(&self, now: u64) -> Option<bb8::PooledConnection<'static, ServerManager>> {
+        loop {
+            let Warm { mut conn, since_us } = self.warm.lock().expect("lock poisoned").pop()?;
+            if now.saturating_sub(since_us) < self.idle_timeout_us && conn.is_idle_and_open() {
+                self.warm_hits.fetch_add(1, Ordering::Relaxed);
+                return Some(conn);
+            }
+            conn.broken = true;
+        }
+    }
+
+    /// Closes the connections idle past `server_idle_timeout` (the oldest
+    /// are at the bottom of the stack). Returns how many.
+    fn close_idle(&self) -> usize {
+        let now = self.clock.now_us();
+        let expired: Vec<Warm> = {
+            let mut warm = self.warm.lock().expect("lock poisoned");
+            let keep = warm
+                .iter()
+                .position(|w| now.saturating_sub(w.since_us) < self.idle_timeout_us)
+                .unwrap_or(warm.len());
+            warm.drain(..keep).collect()
+        };
+        let n = expired.len();
+        for mut w in expired {
+            w.conn.broken = true;
+        }
+        n
     }
 }
 
@@ -400,6 +467,9 @@ impl Pool {
             wait_us: AtomicU64::new(0),
             servers: Mutex::default(),
             clock,
+            warm: Mutex::default(),
+            warm_hits: AtomicU64::new(0),
+            idle_timeout_us: settings.idle_timeout.as_micros().min(u64::MAX as u128) as u64,
         }));
         core.apply(&settings.live);
         let addr = format!("{}:{}", target.host, target.port);
@@ -482,6 +552,10 @@ impl Pool {
             return self.checkout_slow(who).await;
         }
         let slot = Slot(self.core);
+        let now = self.core.clock.now_us();
+        if let Some(conn) = self.core.take_warm(now) {
+            return Ok(self.lend_at(conn, slot, who, now));
+        }
         let failed = self.failed.load(Ordering::SeqCst);
         let mut get = pin!(self.pool.get_owned());
         // Usually a connection is idle and the first poll hands it over.
@@ -511,6 +585,10 @@ impl Pool {
             return Err(e);
         }
         let slot = Slot(core);
+        let now = core.clock.now_us();
+        if let Some(conn) = core.take_warm(now) {
+            return Ok(self.lend_at(conn, slot, who, now));
+        }
         let failed = self.failed.load(Ordering::SeqCst);
         let get = pin!(self.pool.get_owned());
         let got = self.wait_for_bb8(get, failed, deadline).await;
@@ -600,7 +678,17 @@ impl Pool {
         slot: Slot,
         who: Borrower<'_>,
     ) -> Pooled {
-        let now = self.core.clock.now_us();
+        self.lend_at(conn, slot, who, self.core.clock.now_us())
+    }
+
+    #[inline]
+    fn lend_at(
+        &self,
+        conn: bb8::PooledConnection<'static, ServerManager>,
+        slot: Slot,
+        who: Borrower<'_>,
+        now: u64,
+    ) -> Pooled {
         let info = &conn.info;
         info.state.store(server_state::ACTIVE, Ordering::Relaxed);
         info.request_us.store(now, Ordering::Relaxed);
@@ -608,7 +696,10 @@ impl Pool {
             info.link.store(client.id.0, Ordering::Relaxed);
             client.pool.store(self.core.id.0, Ordering::Relaxed);
         }
-        Pooled { conn, slot }
+        Pooled {
+            conn: Some(conn),
+            slot,
+        }
     }
 
     fn checked_out(
@@ -675,13 +766,23 @@ impl Pool {
         servers.values().cloned().collect()
     }
 
-    pub fn checkouts(&self) -> Checkouts {
+    /// Connections handed out so far: from the idle stack, or by bb8
+    /// (which counts every checkout that passed the gate, and never times
+    /// out itself).
+    pub fn assignments(&self) -> u64 {
         let s = self.pool.state().statistics;
+        s.get_direct + s.get_waited + self.core.warm_hits.load(Ordering::Relaxed)
+    }
+
+    /// Closes the idle connections past `server_idle_timeout`; returns how many.
+    pub fn close_idle(&self) -> usize {
+        self.core.close_idle()
+    }
+
+    pub fn checkouts(&self) -> Checkouts {
         let waited = self.core.waited.load(Ordering::Relaxed);
         Checkouts {
-            // bb8 counts every checkout that passed the gate, and never
-            // times out itself.
-            direct: (s.get_direct + s.get_waited).saturating_sub(waited),
+            direct: self.assignments().saturating_sub(waited),
             waited,
             timed_out: self.core.timed_out.load(Ordering::Relaxed),
             wait: Duration::from_micros(self.core.wait_us.load(Ordering::Relaxed)),
@@ -699,6 +800,15 @@ impl Pool {
             waiting: self.core.waiting.load(Ordering::Relaxed),
             paused: self.core.blocked.load(Ordering::Relaxed) & blocked::PAUSED != 0,
         }
+    }
+}
+
+impl Drop for Pool {
+    /// The idle connections go back to bb8, which closes them as it goes
+    /// (the core, leaked, would otherwise keep them open).
+    fn drop(&mut self) {
+        let warm = std::mem::take(&mut *self.core.warm.lock().expect("lock poisoned"));
+        drop(warm);
     }
 }
 
@@ -803,6 +913,18 @@ impl Pools {
                 Arc::new(make(id))
             })
             .clone()
+    }
+
+    /// Closes, in every pool, the idle connections past `server_idle_timeout`.
+    pub fn close_idle(&self) -> usize {
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .read()
+            .expect("lock poisoned")
+            .values()
+            .cloned()
+            .collect();
+        pools.iter().map(|p| p.close_idle()).sum()
     }
 
     /// Every pool with its (database, user, server address) key, sorted.

@@ -297,7 +297,7 @@ mod tests {
     fn burn_rate_is_the_bad_share_over_the_budget_per_window() {
         let w = window("p99 < 5ms", "< 1%");
         let sec = 1_000_000; // microseconds
-                           // An hour ago-ish: 100 statements, all slow; only the 1 h window sees them.
+                             // An hour ago-ish: 100 statements, all slow; only the 1 h window sees them.
         let early = 60 * sec;
         for _ in 0..100 {
             w.record(early, Duration::from_millis(50), false);

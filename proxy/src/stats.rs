@@ -84,8 +84,7 @@ pub fn totals(shared: &Shared) -> BTreeMap<String, DatabaseTotals> {
         }
     }
     for ((database, _, _), pool) in shared.pools.all() {
-        let s = pool.state().statistics;
-        all.entry(database).or_default().assignments += s.get_direct + s.get_waited;
+        all.entry(database).or_default().assignments += pool.assignments();
     }
     all
 }

@@ -272,14 +272,7 @@ async fn dead_server_connections_are_replaced_not_handed_out() {
     })
     .await;
     let clients = [env.client().await, env.client().await, env.client().await];
-    // Fill the pool: three transactions at once need three server connections.
-    for c in &clients {
-        c.batch_execute("BEGIN").await.unwrap();
-        c.query_one("SELECT 1", &[]).await.unwrap();
-    }
-    for c in &clients {
-        c.batch_execute("COMMIT").await.unwrap();
-    }
+    open_one_connection_each(&clients).await;
 
     // Every pooled connection dies while idle, as in a server restart.
     let direct = env.direct().await;
@@ -302,6 +295,50 @@ async fn dead_server_connections_are_replaced_not_handed_out() {
         started.elapsed() < Duration::from_secs(4),
         "no checkout timed out"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_server_connections_close_after_server_idle_timeout() {
+    let env = Env::with(Options {
+        pool_size: 3,
+        proxy_extra: "server_idle_timeout = \"1s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let clients = [env.client().await, env.client().await, env.client().await];
+    open_one_connection_each(&clients).await;
+    let direct = env.direct().await;
+    assert_eq!(pooled_backends(&direct, "*").await, 3);
+
+    // One client keeps working, a statement every 200 ms: its connection is
+    // never idle for a second, the two others are, and close.
+    let busy = &clients[0];
+    let first = backend_pid(busy).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut open = 3;
+    while std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            backend_pid(busy).await,
+            first,
+            "the busy connection stays open"
+        );
+        open = pooled_backends(&direct, "*").await;
+        if open == 1 {
+            break;
+        }
+    }
+    assert_eq!(open, 1, "the idle connections closed; the busy one did not");
+
+    // Idle long enough, the last one closes too; the next statement gets a
+    // fresh connection.
+    let all_closed = crate::harness::eventually(Duration::from_secs(10), || async {
+        pooled_backends(&direct, "*").await == 0
+    })
+    .await;
+    assert!(all_closed);
+    let one: i32 = clients[1].query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,6 +417,22 @@ async fn startup_options_and_application_name_apply_on_every_connection() {
         .get(0);
     assert_eq!(other, "0", "the other client keeps the server default");
     assert!(!pids.is_empty());
+}
+
+/// Fills a pool: transactions open at once need a server connection each.
+async fn open_one_connection_each(clients: &[tokio_postgres::Client]) {
+    for c in clients {
+        c.batch_execute("BEGIN").await.unwrap();
+        c.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    for c in clients {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    let row = client.query_one("SELECT pg_backend_pid()", &[]).await;
+    row.unwrap().get(0)
 }
 
 /// `count(expr)` over the server connections the proxy opened (user
