@@ -603,6 +603,9 @@ impl Pool {
         timeout: Duration,
     ) -> Result<()> {
         let core = self.core;
+        // One timer for the whole wait: a waiter woken for a slot that an
+        // arriving checkout took first waits again without re-arming it.
+        let mut expired = pin!(tokio::time::sleep_until(deadline));
         loop {
             let notified = core.notify.notified();
             let mut notified = pin!(notified);
@@ -621,7 +624,12 @@ impl Pool {
                 core.leave();
                 continue;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let timed_out = tokio::select! {
+                biased;
+                () = notified => false,
+                () = expired.as_mut() => true,
+            };
+            if timed_out {
                 return Err(if paused {
                     Error::Paused {
                         database: self.database.clone(),
