@@ -799,6 +799,10 @@ impl Session {
                 }
                 .into());
             }
+            if self.cbuf.len() >= frame_len && self.pass_plain(header.tag, frame_len)? {
+                self.cbuf.advance(frame_len);
+                continue;
+            }
             let Some(frame) = Frame::decode(&mut self.cbuf, FRAME_BYTES_MAX)? else {
                 return Ok(());
             };
@@ -806,11 +810,68 @@ impl Session {
         }
     }
 
+    /// The extended-protocol messages of a statement that runs on the
+    /// attached connection unchanged (a Bind of the unnamed statement, a
+    /// portal's Describe, an Execute, a Sync), handled in place in the
+    /// client's buffer: what [`Session::on_client_frame`] does for them when
+    /// there is no shard map (so no routing, no read held for a retry) and
+    /// nothing else is going on, without splitting a frame off the buffer or
+    /// entering the async path. `false` leaves the message to that path.
+    #[inline]
+    fn pass_plain(&mut self, tag: u8, frame_len: usize) -> Result<bool> {
+        if !matches!(
+            tag,
+            frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE | frontend::SYNC
+        ) || self.server.is_none()
+            || self.shared.follower.is_some()
+            || self.params_dirty
+            || self.retry.is_some()
+            || self.retry_attempts != 0
+            || self.skipping_to_sync
+            || self.multi_batch.is_some()
+            || self.pending.is_skipping()
+        {
+            return Ok(false);
+        }
+        let body = &self.cbuf[wire::HEADER_LEN..frame_len];
+        let entry = match tag {
+            frontend::BIND => {
+                if !Bind::decode(body)?.statement.is_empty() {
+                    return Ok(false);
+                }
+                self.pending.note_open(); // a portal
+                self.bound_effects = self.unnamed_effects.clone();
+                Entry::forwarded(Expect::BindComplete)
+            }
+            frontend::DESCRIBE => {
+                if Target::decode(body)?.kind != frontend::TARGET_PORTAL {
+                    return Ok(false);
+                }
+                self.pending.note_open();
+                Entry::forwarded(Expect::Description)
+            }
+            frontend::EXECUTE => {
+                self.pending.note_open();
+                let effects = self.bound_effects.take();
+                Entry::with_effects(Expect::ExecuteDone, effects)
+            }
+            _ => Entry::forwarded(Expect::Ready),
+        };
+        // Out of `self` while `track_request` borrows it whole (an empty
+        // BytesMut stands in: no allocation).
+        let cbuf = std::mem::take(&mut self.cbuf);
+        self.track_request(tag, &cbuf[wire::HEADER_LEN..frame_len]);
+        self.cbuf = cbuf;
+        self.sout.extend_from_slice(&self.cbuf[..frame_len]);
+        self.pending.push(entry, &mut self.cout);
+        Ok(true)
+    }
+
     async fn on_client_frame(&mut self, frame: Frame) -> Result<()> {
         let tag = frame.tag();
         if self.retry_attempts == 0 {
             // (A read sent again is the same request.)
-            self.track_request(&frame);
+            self.track_request(tag, frame.body());
         }
         // A read may be sent again only while it is the only thing in
         // flight: anything behind it would be lost or answered out of order.

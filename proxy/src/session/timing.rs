@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tracing::field::{display, Empty};
 use wire::frontend;
-use wire::Frame;
 
 use super::{InFlight, Session};
 use crate::error::Error;
@@ -31,8 +30,7 @@ impl Session {
     /// (Sync, Query, FunctionCall) as sent. Each of those gets exactly one
     /// ReadyForQuery, so a Sync with nothing before it is a request of its
     /// own, and requests and ReadyForQuery messages pair up in order.
-    pub(super) fn track_request(&mut self, frame: &Frame) {
-        let tag = frame.tag();
+    pub(super) fn track_request(&mut self, tag: u8, body: &[u8]) {
         let starts = matches!(
             tag,
             frontend::QUERY
@@ -47,11 +45,11 @@ impl Session {
             let latest = self.queued.back().or(self.in_flight.as_ref());
             match latest {
                 None => {
-                    let request = self.new_request(frame);
+                    let request = self.new_request(tag, body);
                     self.in_flight = Some(request);
                 }
                 Some(r) if r.closed && self.queued.len() < PIPELINED_MAX => {
-                    let request = self.new_request(frame);
+                    let request = self.new_request(tag, body);
                     self.queued.push_back(request);
                 }
                 _ => {}
@@ -85,10 +83,10 @@ impl Session {
         self.in_flight = self.queued.pop_front();
     }
 
-    fn new_request(&mut self, frame: &Frame) -> InFlight {
+    fn new_request(&mut self, tag: u8, body: &[u8]) -> InFlight {
         let span =
             tracing::enabled!(target: "shardline::statement", tracing::Level::DEBUG).then(|| {
-                let sql = self.request_sql(frame);
+                let sql = self.request_sql(tag, body);
                 tracing::debug_span!(
                     target: "shardline::statement",
                     "statement",
@@ -120,9 +118,8 @@ impl Session {
 
     /// The SQL of the request that `frame` starts, for its span: a Query's
     /// or Parse's text, a Bind's statement text.
-    fn request_sql(&self, frame: &Frame) -> String {
-        let body = frame.body();
-        let text: &[u8] = match frame.tag() {
+    fn request_sql(&self, tag: u8, body: &[u8]) -> String {
+        let text: &[u8] = match tag {
             frontend::QUERY => body.strip_suffix(&[0]).unwrap_or(body),
             frontend::PARSE => frontend::Parse::decode(body).map_or(&[][..], |p| p.query),
             frontend::BIND => match frontend::Bind::decode(body) {
