@@ -33,6 +33,8 @@
 #   STORM_TARGETS  proxies to storm, in this order for the connect storm and
 #                  reversed for the held one ["pgbouncer shardline"]
 #   SHARDLINE_BIN  use this binary instead of `cargo build --release`
+#   SHARDLINE_THREADS  Shardline's worker_threads: 0 is one per core (its
+#                  default), 1 a single event loop as PgBouncer has [0]
 #   PG_BINDIR      PostgreSQL server binaries [pg_config --bindir, else
 #                  the newest /usr/lib/postgresql/*/bin]
 #   PGBOUNCER      PgBouncer binary [pgbouncer on PATH, else /usr/sbin/pgbouncer]
@@ -324,7 +326,7 @@ dbname = "$DB"
 server_user = "$DB_USER"
 server_password = "$DB_PASSWORD"
 EOF
-log "Shardline ($SHARDLINE_BIN) on 127.0.0.1:${PORT[shardline]}"
+log "Shardline ($SHARDLINE_BIN, worker_threads = ${SHARDLINE_THREADS:-0}) on 127.0.0.1:${PORT[shardline]}"
 ulimit -n 4096 2>/dev/null || true
 RUST_LOG=${RUST_LOG:-info} "$SHARDLINE_BIN" proxy --config "$WORK/shardline.toml" \
     >"$WORK/logs/shardline.log" 2>&1 &
