@@ -35,6 +35,13 @@
 #   SHARDLINE_BIN  use this binary instead of `cargo build --release`
 #   SHARDLINE_THREADS  Shardline's worker_threads: 0 is one per core (its
 #                  default), 1 a single event loop as PgBouncer has [0]
+#   FLOOR          1 adds the target `floor`: benches/src/bin/tcp_forward.rs,
+#                  a tokio TCP forwarder with SHARDLINE_THREADS workers that
+#                  gives each client its own server connection and parses
+#                  nothing. Its CPU/txn is what a tokio proxy costs before
+#                  doing any work, so it splits Shardline's gap to PgBouncer
+#                  into runtime and Shardline's own [0]
+#   FLOOR_BIN      use this tcp_forward binary instead of building it
 #   PG_BINDIR      PostgreSQL server binaries [pg_config --bindir, else
 #                  the newest /usr/lib/postgresql/*/bin]
 #   PGBOUNCER      PgBouncer binary [pgbouncer on PATH, else /usr/sbin/pgbouncer]
@@ -64,6 +71,7 @@ STORM_HOLD=${STORM_HOLD:-5}
 STORM_TARGETS=${STORM_TARGETS:-"pgbouncer shardline"}
 KEEP=${KEEP:-0}
 PERF_STAT=${PERF_STAT:-0}
+FLOOR=${FLOOR:-0}
 
 DB=bench
 DB_USER=bench
@@ -120,6 +128,7 @@ chmod 755 "$WORK"
 PG_PID=
 BOUNCER_PID=
 SHARDLINE_PID=
+FLOOR_PID=
 PGBENCH_PID=
 BUILD_PID=
 
@@ -145,6 +154,7 @@ cleanup() {
     [[ -n $BUILD_PID ]] && kill -TERM -- "-$BUILD_PID" 2>/dev/null
     stop_pid "$SHARDLINE_PID" TERM 10 shardline
     wait "$SHARDLINE_PID" 2>/dev/null
+    stop_pid "$FLOOR_PID" TERM 10 tcp_forward
     stop_pid "$BOUNCER_PID" TERM 10 pgbouncer # SIGTERM: immediate shutdown
     stop_pid "$PG_PID" INT 30 postgres        # SIGINT: fast shutdown
     if [[ $KEEP == 1 || $rc -ne 0 ]]; then
@@ -170,6 +180,15 @@ if [[ -z ${SHARDLINE_BIN:-} ]]; then
     SHARDLINE_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/shardline
 fi
 [[ -x $SHARDLINE_BIN ]] || die "no shardline binary at $SHARDLINE_BIN"
+if [[ $FLOOR == 1 && -z ${FLOOR_BIN:-} ]]; then
+    log "building tcp_forward (cargo build --release -p benches --bin tcp_forward)"
+    (cd "$ROOT" && exec setsid cargo build --release -p benches --bin tcp_forward) >&2 &
+    BUILD_PID=$!
+    wait "$BUILD_PID" || die "cargo build failed"
+    BUILD_PID=
+    FLOOR_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/tcp_forward
+fi
+[[ $FLOOR != 1 || -x $FLOOR_BIN ]] || die "no tcp_forward binary at $FLOOR_BIN"
 
 # --- helpers -----------------------------------------------------------------
 
@@ -334,7 +353,19 @@ SHARDLINE_PID=$!
 PID[shardline]=$SHARDLINE_PID
 wait_port "${PORT[shardline]}" "$SHARDLINE_PID" shardline
 
-for t in direct pgbouncer shardline; do
+TARGETS=(direct pgbouncer shardline)
+if [[ $FLOOR == 1 ]]; then
+    PORT[floor]=$(free_port)
+    log "tcp_forward ($FLOOR_BIN, ${SHARDLINE_THREADS:-0} worker threads) on 127.0.0.1:${PORT[floor]}"
+    "$FLOOR_BIN" "127.0.0.1:${PORT[floor]}" "127.0.0.1:${PORT[direct]}" "${SHARDLINE_THREADS:-0}" \
+        >"$WORK/logs/tcp_forward.log" 2>&1 &
+    FLOOR_PID=$!
+    PID[floor]=$FLOOR_PID
+    wait_port "${PORT[floor]}" "$FLOOR_PID" tcp_forward
+    TARGETS+=(floor)
+fi
+
+for t in "${TARGETS[@]}"; do
     out=$(psql -X -qAt -h 127.0.0.1 -p "${PORT[$t]}" -U "$DB_USER" -d "$DB" \
         -c "SELECT count(*) FROM pgbench_branches" 2>&1) ||
         die "$t: cannot query through it: $out"
@@ -343,7 +374,6 @@ done
 
 # --- throughput rows ---------------------------------------------------------
 
-TARGETS=(direct pgbouncer shardline)
 RESULTS=$WORK/results.tsv # round mode clients target tps lat_ms txns cpu_us rss_kb problems
 : >"$RESULTS"
 LOAD_BEFORE=$(loadavg)
@@ -377,9 +407,10 @@ if ((WARMUP > 0)); then
 fi
 
 nrows=$(($(wc -w <<<"$MODES") * $(wc -w <<<"$CLIENTS")))
-log "$nrows rows x 3 targets x $ROUNDS round(s) x ${DURATION}s; load average $LOAD_BEFORE"
+log "$nrows rows x ${#TARGETS[@]} targets x $ROUNDS round(s) x ${DURATION}s; load average $LOAD_BEFORE"
 for ((r = 0; r < ROUNDS; r++)); do
-    order=("${TARGETS[@]:r % 3}" "${TARGETS[@]:0:r % 3}")
+    shift_by=$((r % ${#TARGETS[@]}))
+    order=("${TARGETS[@]:shift_by}" "${TARGETS[@]:0:shift_by}")
     for mode in $MODES; do
         for c in $CLIENTS; do
             for t in "${order[@]}"; do
@@ -493,8 +524,10 @@ echo
 echo "$(nproc) CPUs; PostgreSQL $("$PG_BINDIR/postgres" --version | awk '{ print $3 }'), $("$PGBOUNCER" --version | head -n 1), shardline $("$SHARDLINE_BIN" --version 2>/dev/null | awk '{ print $NF }')."
 echo "scale $SCALE, pool $POOL, ${DURATION}s per run, -j $JOBS, $ROUNDS round(s)$( ((ROUNDS > 1)) && echo ' (medians; peak RSS is the maximum)')."
 echo "Load average (1/5/15 min) before the runs: $LOAD_BEFORE, after the storms: $LOAD_AFTER."
+[[ $FLOOR == 1 ]] &&
+    echo "floor: tcp_forward, a tokio forwarder with ${SHARDLINE_THREADS:-0} worker threads (0: one per core), one server connection per client, no parsing: what any tokio proxy costs."
 echo
-awk -F'\t' -v rounds="$ROUNDS" '
+awk -F'\t' -v rounds="$ROUNDS" -v targets="${TARGETS[*]}" '
 function median(s,    a, n, i, j, x) {
     n = split(s, a, " ")
     for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j + 1] = a[j]; a[j + 1] = x }
@@ -516,7 +549,7 @@ END {
     for (i = 1; i <= nrows; i++) {
         split(rows[i], rc, SUBSEP)
         d = median(tps[rows[i] SUBSEP "direct"])
-        n = split("direct pgbouncer shardline", ts, " ")
+        n = split(targets, ts, " ")
         for (j = 1; j <= n; j++) {
             k = rows[i] SUBSEP ts[j]
             if (!(k in tps)) continue
