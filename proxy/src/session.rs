@@ -104,6 +104,18 @@ fn try_write(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     }
 }
 
+/// Whether a client message goes to the server unchanged, owing one plain
+/// reply: a Bind of the unnamed statement, a portal's Describe, an Execute,
+/// a Sync. (See [`Session::plain_entry`].)
+fn is_plain(tag: u8, body: &[u8]) -> Result<bool> {
+    Ok(match tag {
+        frontend::BIND => Bind::decode(body)?.statement.is_empty(),
+        frontend::DESCRIBE => Target::decode(body)?.kind == frontend::TARGET_PORTAL,
+        frontend::EXECUTE | frontend::SYNC => true,
+        _ => false,
+    })
+}
+
 /// Adds a reply frame to the cache fill in progress, if any; stores the
 /// reply at its ReadyForQuery. Anything but a plain result (an error, a
 /// notice, ...) abandons the fill.
@@ -819,10 +831,7 @@ impl Session {
     /// entering the async path. `false` leaves the message to that path.
     #[inline]
     fn pass_plain(&mut self, tag: u8, frame_len: usize) -> Result<bool> {
-        if !matches!(
-            tag,
-            frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE | frontend::SYNC
-        ) || self.server.is_none()
+        if self.server.is_none()
             || self.shared.follower.is_some()
             || self.params_dirty
             || self.retry.is_some()
@@ -833,20 +842,30 @@ impl Session {
         {
             return Ok(false);
         }
-        let body = &self.cbuf[wire::HEADER_LEN..frame_len];
-        let entry = match tag {
+        if !is_plain(tag, &self.cbuf[wire::HEADER_LEN..frame_len])? {
+            return Ok(false);
+        }
+        let entry = self.plain_entry(tag);
+        // Out of `self` while `track_request` borrows it whole (an empty
+        // BytesMut stands in: no allocation).
+        let cbuf = std::mem::take(&mut self.cbuf);
+        self.track_request(tag, &cbuf[wire::HEADER_LEN..frame_len]);
+        self.cbuf = cbuf;
+        self.sout.extend_from_slice(&self.cbuf[..frame_len]);
+        self.pending.push(entry, &mut self.cout);
+        Ok(true)
+    }
+
+    /// The reply a message [`is_plain`] finds plain is owed, noted as
+    /// both paths (`pass_plain` and `on_client_frame`) do.
+    fn plain_entry(&mut self, tag: u8) -> Entry {
+        match tag {
             frontend::BIND => {
-                if !Bind::decode(body)?.statement.is_empty() {
-                    return Ok(false);
-                }
                 self.pending.note_open(); // a portal
                 self.bound_effects = self.unnamed_effects.clone();
                 Entry::forwarded(Expect::BindComplete)
             }
             frontend::DESCRIBE => {
-                if Target::decode(body)?.kind != frontend::TARGET_PORTAL {
-                    return Ok(false);
-                }
                 self.pending.note_open();
                 Entry::forwarded(Expect::Description)
             }
@@ -856,15 +875,7 @@ impl Session {
                 Entry::with_effects(Expect::ExecuteDone, effects)
             }
             _ => Entry::forwarded(Expect::Ready),
-        };
-        // Out of `self` while `track_request` borrows it whole (an empty
-        // BytesMut stands in: no allocation).
-        let cbuf = std::mem::take(&mut self.cbuf);
-        self.track_request(tag, &cbuf[wire::HEADER_LEN..frame_len]);
-        self.cbuf = cbuf;
-        self.sout.extend_from_slice(&self.cbuf[..frame_len]);
-        self.pending.push(entry, &mut self.cout);
-        Ok(true)
+        }
     }
 
     async fn on_client_frame(&mut self, frame: Frame) -> Result<()> {
@@ -1006,11 +1017,14 @@ impl Session {
             frontend::BIND => self.on_bind(&frame)?,
             frontend::DESCRIBE => {
                 let target = Target::decode(frame.body())?;
+                if target.kind == frontend::TARGET_PORTAL {
+                    let entry = self.plain_entry(tag);
+                    self.forward(&frame, entry);
+                    return Ok(());
+                }
                 // A deferred unnamed statement can be sent again, so describing
                 // it does not pin the batch to this connection.
-                if target.kind == frontend::TARGET_PORTAL
-                    || (target.name.is_empty() && self.unnamed.is_none())
-                {
+                if target.name.is_empty() && self.unnamed.is_none() {
                     self.pending.note_open();
                 }
                 if target.kind == frontend::TARGET_STATEMENT && target.name.is_empty() {
@@ -1030,10 +1044,9 @@ impl Session {
                     None => self.forward(&frame, entry),
                 }
             }
-            frontend::EXECUTE => {
-                self.pending.note_open();
-                let effects = self.bound_effects.take();
-                self.forward(&frame, Entry::with_effects(Expect::ExecuteDone, effects));
+            frontend::EXECUTE | frontend::SYNC => {
+                let entry = self.plain_entry(tag);
+                self.forward(&frame, entry);
             }
             frontend::CLOSE => {
                 let target = Target::decode(frame.body())?;
@@ -1047,7 +1060,6 @@ impl Session {
                     self.forward(&frame, Entry::forwarded(Expect::CloseComplete));
                 }
             }
-            frontend::SYNC => self.forward(&frame, Entry::forwarded(Expect::Ready)),
             frontend::FUNCTION_CALL => self.forward(&frame, Entry::forwarded(Expect::Ready)),
             frontend::FLUSH | frontend::COPY_DATA => self.sout.extend_from_slice(frame.as_bytes()),
             frontend::COPY_DONE | frontend::COPY_FAIL => self.forward(&frame, Entry::CopyEnd),
@@ -1180,13 +1192,13 @@ impl Session {
 
     fn on_bind(&mut self, frame: &Frame) -> Result<()> {
         let bind = Bind::decode(frame.body())?;
-        self.pending.note_open(); // a portal
-        let entry = Entry::forwarded(Expect::BindComplete);
         if bind.statement.is_empty() {
-            self.bound_effects = self.unnamed_effects.clone();
+            let entry = self.plain_entry(frontend::BIND);
             self.forward(frame, entry);
             return Ok(());
         }
+        self.pending.note_open(); // a portal
+        let entry = Entry::forwarded(Expect::BindComplete);
         self.bound_effects = self
             .statements
             .get(bind.statement)

@@ -305,6 +305,21 @@ impl Console {
     async fn pool(&self) -> HashMap<String, String> {
         self.show("POOLS", POOLS).await.row_where("database", "db")
     }
+
+    /// Sends `PAUSE` from a console of its own and returns once the pool
+    /// shows as paused, with the command's outcome still to come.
+    async fn begin_pause(&self) -> JoinHandle<Result<(), tokio_postgres::Error>> {
+        let admin = self.admin().await;
+        let pause = tokio::spawn(async move { admin.simple_query("PAUSE").await.map(drop) });
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                self.pool().await["paused"] == "1"
+            })
+            .await,
+            "the pool was never paused"
+        );
+        pause
+    }
 }
 
 impl Drop for Console {
@@ -625,16 +640,8 @@ async fn pause_waits_for_open_transactions_and_holds_queries_until_resume() {
         .expect("INSERT");
 
     // PAUSE waits while the transaction holds its connection.
-    let admin = env.admin().await;
-    let pause = tokio::spawn(async move { admin.simple_query("PAUSE").await.map(drop) });
+    let pause = env.begin_pause().await;
     let env = &env;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            env.pool().await["paused"] == "1"
-        })
-        .await,
-        "the pool was never paused"
-    );
     assert!(
         !pause.is_finished(),
         "PAUSE answered with a transaction open"
@@ -739,16 +746,8 @@ async fn a_resumed_pause_neither_claims_success_nor_undoes_a_later_one() {
     writer.simple_query("SELECT 1").await.expect("SELECT");
 
     // PAUSE A waits for the open transaction...
-    let admin = env.admin().await;
-    let first = tokio::spawn(async move { admin.simple_query("PAUSE").await.map(drop) });
+    let first = env.begin_pause().await;
     let env = &env;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            env.pool().await["paused"] == "1"
-        })
-        .await,
-        "the pool was never paused"
-    );
     // ... meanwhile another operator resumes, the transaction ends, and a
     // second PAUSE completes at once.
     assert!(env.psql("RESUME").await.success);

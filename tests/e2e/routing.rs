@@ -30,7 +30,11 @@ async fn count_on(env: &ShardedEnv, shard: ShardId) -> i64 {
 }
 
 async fn env_with_accounts() -> ShardedEnv {
-    let env = ShardedEnv::start(2).await;
+    with_accounts(ShardedEnv::start(2).await).await
+}
+
+/// `env` with the sharded table `accounts (id int8, v int4)`, keyed by id.
+async fn with_accounts(env: ShardedEnv) -> ShardedEnv {
     env.declare("accounts", "id", KeyType::Int8, 8).await;
     env.client()
         .await
@@ -68,16 +72,8 @@ async fn a_transaction_stays_on_the_shard_of_its_first_statement() {
         .await
         .expect_err("second shard refused");
     assert_eq!(sqlstate(&err), "0A000", "{err}");
-    let err = tx
-        .execute("UPDATE accounts SET v = 0 WHERE id = $1", &[&a])
-        .await
-        .expect_err("aborted transaction");
-    assert_eq!(sqlstate(&err), "25P02", "{err}");
     // As in PostgreSQL, COMMIT of an aborted transaction rolls it back.
-    tx.batch_execute("COMMIT")
-        .await
-        .expect("COMMIT of an aborted transaction is answered (ROLLBACK)");
-    drop(tx);
+    assert_aborted(tx, "UPDATE accounts SET v = 0 WHERE id = $1", &[&a]).await;
     let rows = db
         .query("SELECT v FROM accounts WHERE id = $1", &[&a])
         .await
@@ -418,13 +414,7 @@ async fn any_failed_statement_aborts_the_transaction_even_before_it_has_a_server
         proxy_extra: "checkout_timeout = \"300ms\"".into(),
         ..Default::default()
     };
-    let env = ShardedEnv::with(2, options).await;
-    env.declare("accounts", "id", KeyType::Int8, 8).await;
-    env.client()
-        .await
-        .batch_execute("CREATE TABLE accounts (id int8 PRIMARY KEY, v int4 NOT NULL)")
-        .await
-        .expect("create through the proxy");
+    let env = with_accounts(ShardedEnv::with(2, options).await).await;
     let owner = env.owner("accounts", &KeyValue::Int8(1));
     let same: Vec<i64> = (2..1000)
         .filter(|id| env.owner("accounts", &KeyValue::Int8(*id)) == owner)
@@ -450,15 +440,12 @@ async fn any_failed_statement_aborts_the_transaction_even_before_it_has_a_server
     held.commit().await.expect("the holder commits");
     // ... and, as after any PostgreSQL error, the transaction is aborted:
     // the next statement must not run and COMMIT must not keep it.
-    let err = tx
-        .execute("INSERT INTO accounts (id, v) VALUES ($1, 1)", &[&same[1]])
-        .await
-        .expect_err("aborted transaction");
-    assert_eq!(sqlstate(&err), "25P02", "{err}");
-    tx.batch_execute("COMMIT")
-        .await
-        .expect("COMMIT answered (ROLLBACK)");
-    drop(tx);
+    assert_aborted(
+        tx,
+        "INSERT INTO accounts (id, v) VALUES ($1, 1)",
+        &[&same[1]],
+    )
+    .await;
     let n: i64 = env
         .direct(owner.0 as usize)
         .await
@@ -467,4 +454,21 @@ async fn any_failed_statement_aborts_the_transaction_even_before_it_has_a_server
         .expect("count")
         .get(0);
     assert_eq!(n, 1, "only the holder's row");
+}
+
+/// The transaction is aborted: `sql` is refused with 25P02, and COMMIT is
+/// answered (as a ROLLBACK), as PostgreSQL does after an error.
+async fn assert_aborted(
+    tx: tokio_postgres::Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) {
+    let err = tx
+        .execute(sql, params)
+        .await
+        .expect_err("aborted transaction");
+    assert_eq!(sqlstate(&err), "25P02", "{err}");
+    tx.batch_execute("COMMIT")
+        .await
+        .expect("COMMIT of an aborted transaction is answered (ROLLBACK)");
 }
