@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::Poll;
 use std::time::Duration;
@@ -63,6 +63,14 @@ pub struct PoolCore {
     /// Checkouts waiting at the gate (for the wakeup protocol).
     gate_waiters: AtomicU32,
     notify: Notify,
+    /// A gate waiter was told a slot came free and has not looked yet.
+    /// Releases meanwhile wake nobody else: under load an arriving checkout
+    /// takes most freed slots first, and each extra waiter woken would
+    /// only find the slot gone and wait again (a task poll, a waker, and
+    /// across workers a futex wake, for nothing). Whoever takes the
+    /// notification clears this and passes the wakeup on if a slot is
+    /// still free (see [`PoolCore::pass_wakeup`]).
+    woken: AtomicBool,
     /// Most connections lent at once: the live `pool_size`.
     limit: AtomicU32,
     blocked: AtomicU8,
@@ -162,7 +170,35 @@ impl PoolCore {
         // `lent`, and this looks at the waiters after `lent` dropped, so
         // one of the two sees the other.
         if self.gate_waiters.load(Ordering::SeqCst) > 0 {
+            self.wake_waiter();
+        }
+    }
+
+    /// Wakes one gate waiter unless one is woken already. The notification
+    /// is never lost: tokio hands a `notify_one` that reached a waiter
+    /// dropped unpolled to the next waiter, or keeps it as a permit for
+    /// the next `enable`, and whoever takes it calls [`PoolCore::woke`].
+    fn wake_waiter(&self) {
+        if !self.woken.swap(true, Ordering::SeqCst) {
             self.notify.notify_one();
+        }
+    }
+
+    /// A waiter took a notification: the next release may wake another.
+    /// (Cleared before the waiter looks at `lent`, SeqCst: a release that
+    /// saw the flag set dropped `lent` before, so the waiter sees its slot.)
+    fn woke(&self) {
+        self.woken.store(false, Ordering::SeqCst);
+    }
+
+    /// After a waiter that was woken took a slot (or gave up): if a slot is
+    /// still free and others wait, one of them is woken for it, since the
+    /// releases that freed it may have woken nobody.
+    fn pass_wakeup(&self) {
+        if self.gate_waiters.load(Ordering::SeqCst) > 1
+            && self.lent.load(Ordering::SeqCst) < self.limit.load(Ordering::SeqCst)
+        {
+            self.wake_waiter();
         }
     }
 
@@ -454,6 +490,7 @@ impl Pool {
             lent: AtomicU32::new(0),
             gate_waiters: AtomicU32::new(0),
             notify: Notify::new(),
+            woken: AtomicBool::new(false),
             limit: AtomicU32::new(0),
             blocked: AtomicU8::new(0),
             checkout_timeout_us: AtomicU64::new(0),
@@ -606,19 +643,31 @@ impl Pool {
         // One timer for the whole wait: a waiter woken for a slot that an
         // arriving checkout took first waits again without re-arming it.
         let mut expired = pin!(tokio::time::sleep_until(deadline));
+        // Whether this waiter took a notification (see `PoolCore::woken`).
+        let mut woke = false;
         loop {
             let notified = core.notify.notified();
             let mut notified = pin!(notified);
             // Registered before looking, so a wakeup in between is not lost.
-            notified.as_mut().enable();
+            // `true`: a wakeup kept for the next waiter was taken.
+            if notified.as_mut().enable() {
+                core.woke();
+                woke = true;
+            }
             let flags = core.blocked.load(Ordering::SeqCst);
             if flags & blocked::CLOSING != 0 && !who.in_transaction {
+                if woke {
+                    core.pass_wakeup();
+                }
                 return Err(Error::ShuttingDown);
             }
             let paused = flags & blocked::PAUSED != 0;
             if !paused && core.try_take() {
                 // As in `try_enter`: a PAUSE that began meanwhile wins.
                 if core.blocked.load(Ordering::SeqCst) & blocked::PAUSED == 0 {
+                    if woke {
+                        core.pass_wakeup();
+                    }
                     return Ok(());
                 }
                 core.leave();
@@ -639,6 +688,8 @@ impl Pool {
                     self.exhausted(timeout)
                 });
             }
+            core.woke();
+            woke = true;
         }
     }
 
@@ -942,5 +993,80 @@ impl Pools {
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool of `size` that never connects: only its gate is used.
+    fn gate_only(size: u32) -> Pool {
+        let target = ServerTarget {
+            host: "127.0.0.1".into(),
+            port: 9,
+            database: "db".into(),
+            user: "user".into(),
+            password: None,
+            connect_timeout: Duration::from_secs(1),
+            message_bytes_max: 1 << 20,
+        };
+        let settings = PoolSettings {
+            live: LiveSettings {
+                size,
+                checkout_timeout: Duration::from_secs(2),
+                connect_timeout: Duration::from_secs(1),
+                lifetime: Duration::from_secs(3600),
+            },
+            mode: PoolMode::Transaction,
+            idle_timeout: Duration::from_secs(600),
+            prepared_max: 100,
+        };
+        Pool::new(
+            PoolId(1),
+            ("db".into(), "user".into()),
+            target,
+            settings,
+            Clock::start(),
+        )
+    }
+
+    /// Slots given back together, before any waiter runs, let every waiter
+    /// in: the one woken passes the wakeup on while slots stay free.
+    #[tokio::test(flavor = "current_thread")]
+    async fn slots_freed_together_reach_every_waiter() {
+        let pool: &'static Pool = Box::leak(Box::new(gate_only(3)));
+        let core = pool.core;
+        for _ in 0..3 {
+            assert!(core.try_enter());
+        }
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let _at_gate = AtGate::new(pool.core);
+                    let who = Borrower {
+                        client: None,
+                        in_transaction: false,
+                    };
+                    let timeout = pool.core.checkout_timeout();
+                    let deadline = tokio::time::Instant::now() + timeout;
+                    pool.wait_at_gate(who, deadline, timeout).await
+                })
+            })
+            .collect();
+        // Every waiter is asleep at the gate.
+        while core.gate_waiters.load(Ordering::SeqCst) < 3 {
+            tokio::task::yield_now().await;
+        }
+        tokio::task::yield_now().await;
+        // One thread, no await in between: no waiter runs until all three
+        // slots are back.
+        for _ in 0..3 {
+            core.leave();
+        }
+        for waiter in waiters {
+            waiter.await.unwrap().expect("every waiter gets a slot");
+        }
+        assert_eq!(core.lent.load(Ordering::SeqCst), 3);
     }
 }
