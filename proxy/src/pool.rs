@@ -585,14 +585,11 @@ impl Pool {
     /// Waits for a server connection up to the checkout timeout. Fails early
     /// if a connection attempt fails while waiting. Cancel-safe.
     pub async fn checkout(&self, who: Borrower<'_>) -> Result<Pooled> {
-        if !self.core.try_enter() {
-            return self.checkout_slow(who).await;
-        }
-        let slot = Slot(self.core);
-        let now = self.core.clock.now_us();
-        if let Some(conn) = self.core.take_warm(now) {
-            return Ok(self.lend_at(conn, slot, who, now));
-        }
+        let slot = match self.take_now(who) {
+            Ok(conn) => return Ok(conn),
+            Err(None) => return self.checkout_slow(who).await,
+            Err(Some(slot)) => slot,
+        };
         let failed = self.failed.load(Ordering::SeqCst);
         let mut get = pin!(self.pool.get_owned());
         // Usually a connection is idle and the first poll hands it over.
@@ -605,6 +602,28 @@ impl Pool {
         let got = self.wait_for_bb8(get, failed, deadline).await;
         waiting.finish(got.as_ref().map(drop));
         Ok(self.lend(got?, slot, who))
+    }
+
+    /// A connection without waiting, if the gate has room and one is idle
+    /// (the usual case). `None`: [`Pool::checkout`] would wait.
+    #[inline]
+    pub fn try_checkout(&self, who: Borrower<'_>) -> Option<Pooled> {
+        self.take_now(who).ok()
+    }
+
+    /// A slot and an idle connection. `Err(Some(slot))`: a slot, but bb8
+    /// must open a connection; `Err(None)`: the gate is full or shut.
+    #[inline]
+    fn take_now(&self, who: Borrower<'_>) -> std::result::Result<Pooled, Option<Slot>> {
+        if !self.core.try_enter() {
+            return Err(None);
+        }
+        let slot = Slot(self.core);
+        let now = self.core.clock.now_us();
+        match self.core.take_warm(now) {
+            Some(conn) => Ok(self.lend_at(conn, slot, who, now)),
+            None => Err(Some(slot)),
+        }
     }
 
     /// A checkout that waits at the gate (the pool is full, paused or

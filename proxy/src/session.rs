@@ -105,10 +105,13 @@ fn try_write(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
 }
 
 /// Whether a client message goes to the server unchanged, owing one plain
-/// reply: a Bind of the unnamed statement, a portal's Describe, an Execute,
-/// a Sync. (See [`Session::plain_entry`].)
+/// reply (when there is no shard map): a simple Query, a Parse or Bind of
+/// the unnamed statement, a portal's Describe, an Execute, a Sync. (See
+/// [`Session::plain_entry`].)
 fn is_plain(tag: u8, body: &[u8]) -> Result<bool> {
     Ok(match tag {
+        frontend::QUERY => true,
+        frontend::PARSE => body.first() == Some(&0),
         frontend::BIND => Bind::decode(body)?.statement.is_empty(),
         frontend::DESCRIBE => Target::decode(body)?.kind == frontend::TARGET_PORTAL,
         frontend::EXECUTE | frontend::SYNC => true,
@@ -685,15 +688,8 @@ impl Session {
     /// Makes sure a server connection is attached, with the client's parameters.
     async fn ensure_server(&mut self) -> Result<()> {
         if self.server.is_none() {
-            let who = Borrower {
-                client: Some(self.registration.info()),
-                in_transaction: self.txn_status != TransactionStatus::Idle,
-            };
-            let conn = self.pool.checkout(who).await?;
-            *self.cancel_target.lock().expect("lock poisoned") = Some(conn.cancel_key);
-            self.server = Some(conn);
-            self.attach_count += 1;
-            self.params_dirty = true;
+            let conn = self.pool.checkout(self.borrower()).await?;
+            self.attach_conn(conn);
         }
         if self.params_dirty && self.pending.is_idle() {
             self.params_dirty = false;
@@ -716,6 +712,38 @@ impl Session {
             conn.params = self.params.clone();
         }
         Ok(())
+    }
+
+    fn borrower(&self) -> Borrower<'_> {
+        Borrower {
+            client: Some(self.registration.info()),
+            in_transaction: self.txn_status != TransactionStatus::Idle,
+        }
+    }
+
+    fn attach_conn(&mut self, conn: Pooled) {
+        *self.cancel_target.lock().expect("lock poisoned") = Some(conn.cancel_key);
+        self.server = Some(conn);
+        self.attach_count += 1;
+        self.params_dirty = true;
+    }
+
+    /// What [`Session::ensure_server`] does when it need not wait: attaches
+    /// an idle connection whose parameters are the client's already.
+    /// `false`: nothing attached, or attached with parameters to replay
+    /// (left to `ensure_server`).
+    fn attach_at_once(&mut self) -> bool {
+        let Some(conn) = self.pool.try_checkout(self.borrower()) else {
+            return false;
+        };
+        self.attach_conn(conn);
+        let conn = self.server.as_deref_mut().expect("attached above");
+        if !self.pending.is_idle() || !params::sync_sql(&self.params, &conn.params).is_empty() {
+            return false;
+        }
+        conn.params = self.params.clone();
+        self.params_dirty = false;
+        true
     }
 
     /// Sends a deferred BEGIN to the attached server, ahead of the
@@ -822,18 +850,17 @@ impl Session {
         }
     }
 
-    /// The extended-protocol messages of a statement that runs on the
-    /// attached connection unchanged (a Bind of the unnamed statement, a
-    /// portal's Describe, an Execute, a Sync), handled in place in the
-    /// client's buffer: what [`Session::on_client_frame`] does for them when
-    /// there is no shard map (so no routing, no read held for a retry) and
-    /// nothing else is going on, without splitting a frame off the buffer or
-    /// entering the async path. `false` leaves the message to that path.
+    /// A client message that runs on a server unchanged, owing one plain
+    /// reply (see [`is_plain`]), handled in place in the client's buffer:
+    /// what [`Session::on_client_frame`] does for it when there is no shard
+    /// map (so no routing, no read held for a retry) and nothing else is
+    /// going on, without splitting a frame off the buffer or entering the
+    /// async path. A Query or Parse that starts a transaction attaches an
+    /// idle connection if one is at hand. `false` leaves the message to
+    /// that path.
     #[inline]
     fn pass_plain(&mut self, tag: u8, frame_len: usize) -> Result<bool> {
-        if self.server.is_none()
-            || self.shared.follower.is_some()
-            || self.params_dirty
+        if self.shared.follower.is_some()
             || self.retry.is_some()
             || self.retry_attempts != 0
             || self.skipping_to_sync
@@ -842,24 +869,48 @@ impl Session {
         {
             return Ok(false);
         }
-        if !is_plain(tag, &self.cbuf[wire::HEADER_LEN..frame_len])? {
-            return Ok(false);
-        }
-        let entry = self.plain_entry(tag);
-        // Out of `self` while `track_request` borrows it whole (an empty
+        // Out of `self` while the message is read from it (an empty
         // BytesMut stands in: no allocation).
         let cbuf = std::mem::take(&mut self.cbuf);
-        self.track_request(tag, &cbuf[wire::HEADER_LEN..frame_len]);
+        let passed = self.pass_plain_frame(tag, &cbuf[..frame_len]);
         self.cbuf = cbuf;
-        self.sout.extend_from_slice(&self.cbuf[..frame_len]);
+        passed
+    }
+
+    fn pass_plain_frame(&mut self, tag: u8, frame: &[u8]) -> Result<bool> {
+        let body = &frame[wire::HEADER_LEN..];
+        if !is_plain(tag, body)? {
+            return Ok(false);
+        }
+        if self.server.is_none() {
+            let starts = matches!(tag, frontend::QUERY | frontend::PARSE);
+            if !starts || !self.attach_at_once() {
+                return Ok(false);
+            }
+        }
+        if self.params_dirty {
+            return Ok(false);
+        }
+        self.track_request(tag, body);
+        let entry = self.plain_entry(tag, body)?;
+        self.sout.extend_from_slice(frame);
         self.pending.push(entry, &mut self.cout);
         Ok(true)
     }
 
     /// The reply a message [`is_plain`] finds plain is owed, noted as
     /// both paths (`pass_plain` and `on_client_frame`) do.
-    fn plain_entry(&mut self, tag: u8) -> Entry {
-        match tag {
+    fn plain_entry(&mut self, tag: u8, body: &[u8]) -> Result<Entry> {
+        Ok(match tag {
+            frontend::QUERY => {
+                let effects = self.effects_of(frontend::query_text(body)?);
+                Entry::with_effects(Expect::Ready, effects)
+            }
+            frontend::PARSE => {
+                self.pending.note_open(); // the unnamed statement lives until the Sync
+                self.unnamed_effects = self.effects_of(Parse::decode(body)?.query);
+                Entry::forwarded(Expect::ParseComplete)
+            }
             frontend::BIND => {
                 self.pending.note_open(); // a portal
                 self.bound_effects = self.unnamed_effects.clone();
@@ -875,7 +926,7 @@ impl Session {
                 Entry::with_effects(Expect::ExecuteDone, effects)
             }
             _ => Entry::forwarded(Expect::Ready),
-        }
+        })
     }
 
     async fn on_client_frame(&mut self, frame: Frame) -> Result<()> {
@@ -1010,15 +1061,15 @@ impl Session {
         }
         match tag {
             frontend::QUERY => {
-                let effects = self.effects_of(frontend::query_text(frame.body())?);
-                self.forward(&frame, Entry::with_effects(Expect::Ready, effects));
+                let entry = self.plain_entry(tag, frame.body())?;
+                self.forward(&frame, entry);
             }
             frontend::PARSE => self.on_parse(&frame)?,
             frontend::BIND => self.on_bind(&frame)?,
             frontend::DESCRIBE => {
                 let target = Target::decode(frame.body())?;
                 if target.kind == frontend::TARGET_PORTAL {
-                    let entry = self.plain_entry(tag);
+                    let entry = self.plain_entry(tag, frame.body())?;
                     self.forward(&frame, entry);
                     return Ok(());
                 }
@@ -1045,7 +1096,7 @@ impl Session {
                 }
             }
             frontend::EXECUTE | frontend::SYNC => {
-                let entry = self.plain_entry(tag);
+                let entry = self.plain_entry(tag, frame.body())?;
                 self.forward(&frame, entry);
             }
             frontend::CLOSE => {
@@ -1168,13 +1219,12 @@ impl Session {
     }
 
     fn on_parse(&mut self, frame: &Frame) -> Result<()> {
-        let parse = Parse::decode(frame.body())?;
-        if parse.name.is_empty() {
-            self.pending.note_open(); // the unnamed statement lives until the Sync
-            self.unnamed_effects = self.effects_of(parse.query);
-            self.forward(frame, Entry::forwarded(Expect::ParseComplete));
+        if is_plain(frontend::PARSE, frame.body())? {
+            let entry = self.plain_entry(frontend::PARSE, frame.body())?;
+            self.forward(frame, entry);
             return Ok(());
         }
+        let parse = Parse::decode(frame.body())?;
         let hash = self.remember(frame, parse)?;
         if self.conn().prepared.contains(hash) {
             self.pending
@@ -1193,7 +1243,7 @@ impl Session {
     fn on_bind(&mut self, frame: &Frame) -> Result<()> {
         let bind = Bind::decode(frame.body())?;
         if bind.statement.is_empty() {
-            let entry = self.plain_entry(frontend::BIND);
+            let entry = self.plain_entry(frontend::BIND, frame.body())?;
             self.forward(frame, entry);
             return Ok(());
         }
