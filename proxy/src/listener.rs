@@ -283,18 +283,17 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
 
 /// Closes the pools' server connections idle past `server_idle_timeout`
 /// (bb8's reaper does not see them: see [`crate::pool::PoolCore`]); stops
-/// with the proxy. Checks a tenth as often as the timeout, at most every 30 s
-/// as bb8 does, so a connection is closed at most 10% late.
+/// with the proxy. Checks a tenth as often as the timeout, so a connection
+/// is closed at most 10% late, and at least every second, so a timeout
+/// `RELOAD` shortens holds from then on.
 async fn close_idle_servers(shared: std::sync::Weak<Shared>) {
-    let every = match shared.upgrade() {
-        Some(shared) => (shared.config.proxy.server_idle_timeout / 10)
-            .clamp(Duration::from_millis(100), Duration::from_secs(30)),
-        None => return,
-    };
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let every = match shared.upgrade() {
+            Some(shared) => (shared.effective().proxy.server_idle_timeout / 10)
+                .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            None => return,
+        };
+        tokio::time::sleep(every).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };

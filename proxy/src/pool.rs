@@ -99,7 +99,7 @@ pub struct PoolCore {
     /// Checkouts served from `warm` (bb8 counts only its own).
     warm_hits: AtomicU64,
     /// `server_idle_timeout`, for connections in `warm`.
-    idle_timeout_us: u64,
+    idle_timeout_us: AtomicU64,
 }
 
 /// An idle connection in [`PoolCore::warm`], and since when it is idle.
@@ -115,6 +115,7 @@ pub struct LiveSettings {
     pub checkout_timeout: Duration,
     pub connect_timeout: Duration,
     pub lifetime: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl PoolCore {
@@ -125,6 +126,8 @@ impl PoolCore {
         self.connect_timeout_us
             .store(us(s.connect_timeout), Ordering::Relaxed);
         self.lifetime_us.store(us(s.lifetime), Ordering::Relaxed);
+        self.idle_timeout_us
+            .store(us(s.idle_timeout), Ordering::Relaxed);
         let old = self.limit.swap(s.size, Ordering::SeqCst);
         if s.size > old {
             // Waiters may fit now.
@@ -283,9 +286,10 @@ impl PoolCore {
     /// `server_idle_timeout` go back to bb8 marked broken, which closes them.
     #[inline]
     fn take_warm(&self, now: u64) -> Option<bb8::PooledConnection<'static, ServerManager>> {
+        let idle_timeout_us = self.idle_timeout_us.load(Ordering::Relaxed);
         loop {
             let Warm { mut conn, since_us } = self.warm.lock().expect("lock poisoned").pop()?;
-            if now.saturating_sub(since_us) < self.idle_timeout_us && conn.is_idle_and_open() {
+            if now.saturating_sub(since_us) < idle_timeout_us && conn.is_idle_and_open() {
                 self.warm_hits.fetch_add(1, Ordering::Relaxed);
                 return Some(conn);
             }
@@ -297,11 +301,12 @@ impl PoolCore {
     /// are at the bottom of the stack). Returns how many.
     fn close_idle(&self) -> usize {
         let now = self.clock.now_us();
+        let idle_timeout_us = self.idle_timeout_us.load(Ordering::Relaxed);
         let expired: Vec<Warm> = {
             let mut warm = self.warm.lock().expect("lock poisoned");
             let keep = warm
                 .iter()
-                .position(|w| now.saturating_sub(w.since_us) < self.idle_timeout_us)
+                .position(|w| now.saturating_sub(w.since_us) < idle_timeout_us)
                 .unwrap_or(warm.len());
             warm.drain(..keep).collect()
         };
@@ -450,7 +455,6 @@ pub struct Pool {
 pub struct PoolSettings {
     pub live: LiveSettings,
     pub mode: PoolMode,
-    pub idle_timeout: Duration,
     pub prepared_max: u32,
 }
 
@@ -506,7 +510,7 @@ impl Pool {
             clock,
             warm: Mutex::default(),
             warm_hits: AtomicU64::new(0),
-            idle_timeout_us: settings.idle_timeout.as_micros().min(u64::MAX as u128) as u64,
+            idle_timeout_us: AtomicU64::new(0),
         }));
         core.apply(&settings.live);
         let addr = format!("{}:{}", target.host, target.port);
@@ -531,7 +535,8 @@ impl Pool {
             // A failed attempt fails the checkouts waiting (through
             // `failures`); the next checkout tries again.
             .retry_connection(false)
-            .idle_timeout(Some(settings.idle_timeout))
+            // Idle connections wait in `warm`, which `close_idle` times out.
+            .idle_timeout(None)
             // Lifetime is checked at return, against the live setting.
             .max_lifetime(None)
             .queue_strategy(bb8::QueueStrategy::Lifo)
@@ -1036,9 +1041,9 @@ mod tests {
                 checkout_timeout: Duration::from_secs(2),
                 connect_timeout: Duration::from_secs(1),
                 lifetime: Duration::from_secs(3600),
+                idle_timeout: Duration::from_secs(600),
             },
             mode: PoolMode::Transaction,
-            idle_timeout: Duration::from_secs(600),
             prepared_max: 100,
         };
         Pool::new(

@@ -4,7 +4,8 @@
 //! Applied live: pool sizes (`[proxy] pool_size` and each database's),
 //! `max_client_connections` and the timeouts (`checkout_timeout`,
 //! `connect_timeout`, `client_login_timeout`, `server_lifetime`,
-//! `shutdown_timeout`, `pause_timeout`, `[admin] stats_period`); see
+//! `server_idle_timeout`, `shutdown_timeout`, `pause_timeout`,
+//! `[admin] stats_period`); see
 //! [`crate::settings`] for which key is which. Nothing is dropped: a
 //! smaller pool closes its surplus connections as they come back. Other
 //! changes are reported and left for a restart. A file that does not load
@@ -57,6 +58,7 @@ pub async fn reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
         p.connect_timeout = n.connect_timeout;
         p.client_login_timeout = n.client_login_timeout;
         p.server_lifetime = n.server_lifetime;
+        p.server_idle_timeout = n.server_idle_timeout;
         p.shutdown_timeout = n.shutdown_timeout;
         p.pause_timeout = n.pause_timeout;
     }

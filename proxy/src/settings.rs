@@ -210,17 +210,14 @@ fn proxy(rows: &mut Rows, p: &ProxyConfig) {
             d.shutdown_timeout,
         ),
         ("proxy.pause_timeout", p.pause_timeout, d.pause_timeout),
+        (
+            "proxy.server_idle_timeout",
+            p.server_idle_timeout,
+            d.server_idle_timeout,
+        ),
     ] {
         rows.set(key, duration(value), duration(default), true);
     }
-    // bb8 closes idle connections by the timeout its pool was built with.
-    let idle = duration(p.server_idle_timeout);
-    rows.set(
-        "proxy.server_idle_timeout",
-        idle,
-        duration(d.server_idle_timeout),
-        false,
-    );
     for (key, value, default) in [
         (
             "proxy.message_bytes_max",

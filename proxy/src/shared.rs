@@ -133,6 +133,7 @@ impl Shared {
             checkout_timeout: p.checkout_timeout,
             connect_timeout: p.connect_timeout,
             lifetime: p.server_lifetime,
+            idle_timeout: p.server_idle_timeout,
         }
     }
 
@@ -176,7 +177,6 @@ impl Shared {
                 let settings = PoolSettings {
                     live: Shared::live_settings(&self.effective(), &database.name),
                     mode: database.pool_mode.unwrap_or(p.pool_mode),
-                    idle_timeout: p.server_idle_timeout,
                     prepared_max: p.server_prepared_statements_max,
                 };
                 let names = (database.name.clone(), user.name.clone());

@@ -610,6 +610,23 @@ async fn reload_changes_the_pool_size_without_dropping_anyone() {
         .expect("join");
     assert_eq!(second, "2");
 
+    // A shorter server_idle_timeout holds for the connection already idle.
+    env.rewrite(1, "listen_backlog = 7\nserver_idle_timeout = \"1s\"");
+    let reload = env.psql("RELOAD").await;
+    assert!(
+        reload.success && reload.stderr.contains("applied: proxy.server_idle_timeout"),
+        "{}",
+        reload.stderr
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let pool = env.pool().await;
+            number(&pool, "sv_active") + number(&pool, "sv_idle") == 0
+        })
+        .await,
+        "the idle server connection closed after 1 s"
+    );
+
     // A file that does not load changes nothing.
     std::fs::write(&env.path, "[proxy]\npool_size = \"many\"\n").expect("write");
     let reload = env.psql("RELOAD").await;
