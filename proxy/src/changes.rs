@@ -33,6 +33,7 @@ use wire::backend;
 
 use crate::config::CacheKey;
 use crate::error::{Error, Result};
+use crate::quote;
 use crate::server::{read_frame, ServerConn, ServerTarget};
 
 /// Publication the cache's tables are published in, on every shard.
@@ -190,7 +191,7 @@ pub async fn ensure_publication_keyed(
             });
             continue;
         }
-        let sql = format!("SELECT to_regclass({})::oid", quote_literal(table));
+        let sql = format!("SELECT to_regclass({})::oid", quote::literal(table));
         let oid = match simple_query(&mut conn, &sql, max).await? {
             Ok(rows) => first_value(&rows).and_then(|oid| oid.parse::<u32>().ok()),
             Err(message) => {
@@ -211,8 +212,8 @@ pub async fn ensure_publication_keyed(
     }
 
     // Then, by oid, the publication itself.
-    let publication = quote_literal(PUBLICATION);
-    let ident = quote_ident(PUBLICATION);
+    let publication = quote::literal(PUBLICATION);
+    let ident = quote::identifier(PUBLICATION);
     run(&mut conn, "BEGIN", max).await?;
     run(
         &mut conn,
@@ -357,11 +358,11 @@ pub async fn write_reach(target: &ServerTarget) -> Result<Vec<Reach>> {
 
 fn table_check_sql(oid: u32, key: Option<&CacheKey>) -> String {
     const FAILS: &str = "once published, every UPDATE and DELETE on it would fail";
-    let publication = quote_literal(PUBLICATION);
+    let publication = quote::literal(PUBLICATION);
     let (column, type_name, type_oids) = match key {
         Some(k) => (
-            quote_literal(&k.column),
-            quote_literal(k.key_type.as_str()),
+            quote::literal(&k.column),
+            quote::literal(k.key_type.as_str()),
             match k.key_type {
                 KeyType::Int2 => "21",
                 KeyType::Int4 => "23",
@@ -469,7 +470,7 @@ pub async fn follow_bounded(
     // No snapshot: the feed only wants changes from the consistent point on.
     let create = format!(
         "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')",
-        quote_ident(slot)
+        quote::identifier(slot)
     );
     let rows = run(&mut conn, &create, max).await?;
     // Columns: slot_name, consistent_point, snapshot_name, output_plugin.
@@ -483,8 +484,8 @@ pub async fn follow_bounded(
         })?;
     let start = format!(
         "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {})",
-        quote_ident(slot),
-        quote_literal(&quote_ident(PUBLICATION))
+        quote::identifier(slot),
+        quote::literal(&quote::identifier(PUBLICATION))
     );
     let mut out = BytesMut::new();
     wire::frontend::encode_query(&mut out, start.as_bytes());
@@ -792,21 +793,6 @@ async fn run(conn: &mut ServerConn, sql: &str, max: u32) -> Result<Rows> {
 
 fn first_value(rows: &Rows) -> Option<String> {
     rows.first()?.first()?.clone()
-}
-
-/// `s` as an SQL string literal, as PostgreSQL's `quote_literal` writes it.
-fn quote_literal(s: &str) -> String {
-    let escaped = s.replace('\'', "''");
-    if s.contains('\\') {
-        format!("E'{}'", escaped.replace('\\', "\\\\"))
-    } else {
-        format!("'{escaped}'")
-    }
-}
-
-/// `s` as an SQL identifier, always quoted.
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 #[cfg(test)]
@@ -1294,20 +1280,6 @@ mod tests {
                 .await
                 .expect(sql);
             assert_eq!(&feed.commit_changes().await, expected, "{sql}");
-        }
-    }
-
-    #[test]
-    fn quotes_like_postgres() {
-        let cases = [
-            ("plain", "'plain'", "\"plain\""),
-            ("it's", "'it''s'", "\"it's\""),
-            ("a\\b", "E'a\\\\b'", "\"a\\b\""),
-            ("say \"hi\"", "'say \"hi\"'", "\"say \"\"hi\"\"\""),
-        ];
-        for (s, literal, ident) in cases {
-            assert_eq!(quote_literal(s), literal);
-            assert_eq!(quote_ident(s), ident);
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod params;
 pub mod pending;
 pub mod pool;
+mod quote;
 pub mod reload;
 pub mod result_cache;
 pub mod scatter;

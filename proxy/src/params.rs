@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use router::SessionEffect;
 
+use crate::quote;
 use crate::server::{ParamState, ServerParams};
 
 /// Startup packet keys that are not session parameters.
@@ -188,28 +189,9 @@ pub fn parse_options(options: &str) -> Vec<(String, String)> {
 fn set_config(name: &str, value: &str) -> String {
     format!(
         "SELECT pg_catalog.set_config({}, {}, false)",
-        literal(name),
-        literal(value)
+        quote::literal(name),
+        quote::literal(value)
     )
-}
-
-/// An escape-string literal, correct whatever standard_conforming_strings is.
-fn literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 3);
-    out.push_str("E'");
-    for c in s.chars() {
-        match c {
-            '\'' => out.push_str("''"),
-            '\\' => out.push_str("\\\\"),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
-    out
-}
-
-fn identifier(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// The SQL that brings a server's parameters to the client's; empty if equal.
@@ -228,7 +210,7 @@ pub fn sync_sql(client: &ParamState, server: &ParamState) -> String {
     for name in server.keys() {
         if !client.contains_key(name) {
             sql.push_str("RESET ");
-            sql.push_str(&identifier(name));
+            sql.push_str(&quote::identifier(name));
             sql.push_str(";\n");
         }
     }
@@ -328,7 +310,7 @@ mod tests {
         assert_eq!(state.len(), 1);
         assert_eq!(
             &*state["application_name"],
-            "SELECT pg_catalog.set_config(E'application_name', E'it''s', false)"
+            "SELECT pg_catalog.set_config('application_name', 'it''s', false)"
         );
     }
 
