@@ -116,7 +116,9 @@ pub struct ClientInfo {
     pub peer: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
     pub connect_time: SystemTime,
-    pub application_name: String,
+    /// From the startup packet, then as the server reports it (a SET
+    /// takes effect, a ROLLBACK undoes it).
+    application_name: Mutex<String>,
     /// The socket, to wake an idle session at `SHUTDOWN`. Valid while the
     /// client is registered: the session unregisters before it closes it.
     fd: RawFd,
@@ -152,6 +154,17 @@ pub struct NewClient {
 }
 
 impl ClientInfo {
+    pub fn application_name(&self) -> String {
+        self.application_name.lock().expect("lock poisoned").clone()
+    }
+
+    pub fn set_application_name(&self, name: &str) {
+        let mut current = self.application_name.lock().expect("lock poisoned");
+        if *current != name {
+            name.clone_into(&mut current);
+        }
+    }
+
     pub fn is_waiting(&self) -> bool {
         self.state.load(Ordering::Relaxed) == client_state::WAITING
     }
@@ -181,7 +194,7 @@ impl Clients {
             peer: new.peer,
             local: new.local,
             connect_time: SystemTime::now(),
-            application_name: new.application_name,
+            application_name: Mutex::new(new.application_name),
             fd: new.fd,
             state: AtomicU8::new(client_state::IDLE),
             in_transaction: AtomicBool::new(false),

@@ -266,7 +266,8 @@ impl Pending {
     /// `buf` that only pass through: replies to client messages sent on
     /// (rows, descriptions, completions) that change nothing but which entry
     /// is at the head, which this pops. Stops before anything else: an
-    /// error, a ReadyForQuery, a COPY IN, a CommandComplete unless
+    /// error, a ReadyForQuery, a COPY IN, a ParameterStatus (the session
+    /// looks at those), a CommandComplete unless
     /// `commands` (and the head has no session effects), a message whose
     /// body is longer than `body_max`, and once the run reaches `room` bytes.
     /// Matches what [`Pending::on_server_message`] does for each message,
@@ -298,6 +299,7 @@ impl Pending {
             match tag {
                 backend::ERROR_RESPONSE
                 | backend::READY_FOR_QUERY
+                | backend::PARAMETER_STATUS
                 | backend::COPY_IN_RESPONSE
                 | backend::COPY_BOTH_RESPONSE => break,
                 backend::COMMAND_COMPLETE if !commands_here => break,

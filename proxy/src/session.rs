@@ -1474,6 +1474,14 @@ impl Session {
                     self.cout.extend_from_slice(&conn.buf[..frame_len]);
                 }
             }
+            if tag == backend::PARAMETER_STATUS && d.forward {
+                // SHOW CLIENTS shows the name the client has now.
+                let body = &conn.buf[wire::HEADER_LEN..frame_len];
+                if let Ok((b"application_name", name)) = backend::parameter_status(body) {
+                    let name = String::from_utf8_lossy(name);
+                    self.registration.info().set_application_name(&name);
+                }
+            }
             if tag == backend::ERROR_RESPONSE && d.forward {
                 let body = &conn.buf[wire::HEADER_LEN..frame_len];
                 let code = backend::ErrorFields::decode(body).map_or(&b""[..], |f| f.code);

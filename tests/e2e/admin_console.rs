@@ -401,6 +401,24 @@ async fn show_commands_answer_with_their_columns_and_known_state() {
         ("shardline", "ops")
     );
 
+    // The name a client SETs shows once it holds (a ROLLBACK undoes one).
+    let other_id = clients.row_where("application_name", "other")["id"].clone();
+    other
+        .batch_execute("SET application_name = 'renamed'")
+        .await
+        .expect("SET");
+    other
+        .batch_execute("BEGIN; SET application_name = 'undone'; ROLLBACK")
+        .await
+        .expect("SET rolled back");
+    let clients = env.show("CLIENTS", CLIENTS).await;
+    assert_eq!(
+        clients.row_where("application_name", "renamed")["id"],
+        other_id,
+        "{}",
+        clients.stdout
+    );
+
     // Its server connection is active, linked to it, and is the backend it sees.
     let servers = env.show("SERVERS", SERVERS).await;
     let active = servers.row_where("state", "active");

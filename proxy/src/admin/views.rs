@@ -241,7 +241,7 @@ pub fn show_clients(shared: &Shared, out: &mut BytesMut) {
             text(waited / 1_000_000),
             text(waited % 1_000_000),
             link.map(|id| id.to_string()),
-            text(&client.application_name),
+            text(client.application_name()),
             text(client.id.0),
         ]);
     }
