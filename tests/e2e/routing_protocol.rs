@@ -145,6 +145,18 @@ async fn extended_batches_route_and_answer_in_order() {
     );
     c.query("SELECT 2");
     assert_eq!(c.until_ready().await, s(&["T", "D:2", "C:SELECT 1", "Z:I"]));
+
+    // A statement that fails, then one for another shard in the same batch:
+    // PostgreSQL skips everything up to the Sync after an error, so the
+    // client gets that one error, not a second for the shard change.
+    c.parse("", "SELECT id / 0 FROM accounts WHERE id = $1")
+        .bind("", &[&a])
+        .execute();
+    c.parse("", sel).bind("", &[&z]).execute().sync();
+    assert_eq!(c.until_ready().await, s(&["1", "2", "E:22012", "Z:I"]));
+    c.parse("", sel).bind("", &[&z]).execute().sync();
+    let got = c.until_ready().await;
+    assert_eq!(got, s(&["1", "2", &format!("D:{z}"), "C:SELECT 1", "Z:I"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -332,6 +332,18 @@ impl Session {
                 read.is_none() && held_replica
             };
         if self.server.is_some() && (self.server_shard != Some(shard) || other_server) {
+            if !self.pending.is_empty() {
+                // Whether the batch so far may be ended here depends on
+                // what it did, which its replies tell.
+                self.settle().await?;
+            }
+            if self.pending.is_skipping() {
+                // A statement before it in the batch failed: PostgreSQL
+                // skips the rest up to the Sync, whatever shard it needs,
+                // so it goes to the server that is skipping (the client
+                // gets that one error, as from PostgreSQL).
+                return Ok(());
+            }
             let current = self.server_shard.unwrap_or(ShardMap::HOME);
             if self.mode == crate::config::PoolMode::Session {
                 return Err(Error::Refused(format!(
@@ -346,11 +358,6 @@ impl Session {
                      a transaction stays on the shard of its first statement (transactions across \
                      shards need two-phase commit, which Shardline does not support yet)"
                 )));
-            }
-            if !self.pending.is_empty() {
-                // Whether the batch so far may be ended here depends on
-                // what it did, which its replies tell.
-                self.settle().await?;
             }
             if !self.pending.is_idle() {
                 if !self.pending.can_sync_early() {
