@@ -839,9 +839,12 @@ impl Session {
                 }
                 .into());
             }
-            if self.cbuf.len() >= frame_len && self.pass_plain(header.tag, frame_len)? {
-                self.cbuf.advance(frame_len);
-                continue;
+            if self.cbuf.len() >= frame_len {
+                let run = self.pass_plain(header.tag, frame_len, buffer_max, message_max)?;
+                if run > 0 {
+                    self.cbuf.advance(run);
+                    continue;
+                }
             }
             let Some(frame) = Frame::decode(&mut self.cbuf, FRAME_BYTES_MAX)? else {
                 return Ok(());
@@ -850,16 +853,25 @@ impl Session {
         }
     }
 
-    /// A client message that runs on a server unchanged, owing one plain
-    /// reply (see [`is_plain`]), handled in place in the client's buffer:
-    /// what [`Session::on_client_frame`] does for it when there is no shard
-    /// map (so no routing, no read held for a retry) and nothing else is
-    /// going on, without splitting a frame off the buffer or entering the
+    /// Client messages that run on a server unchanged, owing one plain reply
+    /// each (see [`is_plain`]), handled in place in the client's buffer:
+    /// what [`Session::on_client_frame`] does for them when there is no
+    /// shard map (so no routing, no read held for a retry) and nothing else
+    /// is going on, without splitting frames off the buffer or entering the
     /// async path. A Query or Parse that starts a transaction attaches an
-    /// idle connection if one is at hand. `false` leaves the message to
-    /// that path.
+    /// idle connection if one is at hand. Takes the run of such messages
+    /// that starts with the one of `tag` and `frame_len` (a Parse, Bind,
+    /// Describe, Execute and Sync usually arrive together), copying it to
+    /// the server's buffer at once; returns its length. 0 leaves the first
+    /// message to that path.
     #[inline]
-    fn pass_plain(&mut self, tag: u8, frame_len: usize) -> Result<bool> {
+    fn pass_plain(
+        &mut self,
+        tag: u8,
+        frame_len: usize,
+        buffer_max: usize,
+        message_max: usize,
+    ) -> Result<usize> {
         if self.shared.follower.is_some()
             || self.retry.is_some()
             || self.retry_attempts != 0
@@ -867,16 +879,41 @@ impl Session {
             || self.multi_batch.is_some()
             || self.pending.is_skipping()
         {
-            return Ok(false);
+            return Ok(0);
         }
-        // Out of `self` while the message is read from it (an empty
+        // Out of `self` while the messages are read from it (an empty
         // BytesMut stands in: no allocation).
         let cbuf = std::mem::take(&mut self.cbuf);
-        let passed = self.pass_plain_frame(tag, &cbuf[..frame_len]);
+        let mut next = (tag, frame_len);
+        let mut end = 0;
+        let passed = loop {
+            let (tag, len) = next;
+            match self.pass_plain_frame(tag, &cbuf[end..end + len]) {
+                Ok(true) => end += len,
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+            // The next message joins the run if it is whole and within the
+            // limits `process_client` checks (which reports any breach).
+            let Ok(Some(header)) = Header::peek(&cbuf[end..], FRAME_BYTES_MAX) else {
+                break Ok(());
+            };
+            let len = header.frame_len();
+            if cbuf.len() - end < len
+                || len - wire::HEADER_LEN > message_max
+                || self.sout.len() + end >= buffer_max
+            {
+                break Ok(());
+            }
+            next = (header.tag, len);
+        };
+        self.sout.extend_from_slice(&cbuf[..end]);
         self.cbuf = cbuf;
-        passed
+        passed.map(|()| end)
     }
 
+    /// One message of [`Session::pass_plain`]'s run, whose caller copies
+    /// it to the server's buffer; `false`: not plain, the run ends before it.
     fn pass_plain_frame(&mut self, tag: u8, frame: &[u8]) -> Result<bool> {
         let body = &frame[wire::HEADER_LEN..];
         if !is_plain(tag, body)? {
@@ -893,7 +930,6 @@ impl Session {
         }
         self.track_request(tag, body);
         let entry = self.plain_entry(tag, body)?;
-        self.sout.extend_from_slice(frame);
         self.pending.push(entry, &mut self.cout);
         Ok(true)
     }
