@@ -944,7 +944,7 @@ impl Session {
             }
             frontend::PARSE => {
                 self.pending.note_open(); // the unnamed statement lives until the Sync
-                self.unnamed_effects = self.effects_of(Parse::decode(body)?.query);
+                self.unnamed_effects = self.statement_effects_of(Parse::decode(body)?.query);
                 Entry::forwarded(Expect::ParseComplete)
             }
             frontend::BIND => {
@@ -1221,10 +1221,23 @@ impl Session {
         self.pending.push(entry, &mut self.cout);
     }
 
+    /// What the statements of a simple Query's text do to the session.
     fn effects_of(&self, sql: &[u8]) -> Option<Effects> {
         if !router::may_have_session_effects(sql) {
             return None;
         }
+        self.parsed_effects(sql)
+    }
+
+    /// What the one statement of a Parse's text does to the session.
+    fn statement_effects_of(&self, sql: &[u8]) -> Option<Effects> {
+        if !router::statement_may_have_session_effects(sql) {
+            return None;
+        }
+        self.parsed_effects(sql)
+    }
+
+    fn parsed_effects(&self, sql: &[u8]) -> Option<Effects> {
         let sql = std::str::from_utf8(sql).ok()?;
         let effects = self.shared.effects_cache.get_or_parse(sql);
         (!effects.is_empty()).then_some(effects)
@@ -1238,7 +1251,7 @@ impl Session {
                 "too many prepared statements (client_prepared_statements_max = {max})"
             )));
         }
-        let effects = self.effects_of(parse.query);
+        let effects = self.statement_effects_of(parse.query);
         let hash = XxHash3_64::oneshot(parse.definition);
         let start = frame.as_bytes().len() - parse.definition.len();
         let name = Bytes::copy_from_slice(parse.name);

@@ -27,7 +27,8 @@ pub use scatter::{
     plan as plan_scatter, Bound, FinalPlan, Merge, Refusal, ScatterPlan, SortColumn, SortKey,
 };
 pub use session_effect::{
-    may_have_session_effects, session_effects, try_session_effects, SessionEffect,
+    may_have_session_effects, session_effects, statement_may_have_session_effects,
+    try_session_effects, SessionEffect,
 };
 pub use shard_map::{
     Epoch, Group, KeyType, MovePhase, Partition, PartitionIdx, PartitionState, Shard, ShardId,

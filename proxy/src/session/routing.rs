@@ -254,7 +254,7 @@ impl Session {
                 // Deferred to the Bind, which may carry the key.
                 let start = frame.as_bytes().len() - parse.definition.len();
                 let definition = frame.clone().into_bytes().slice(start..);
-                let effects = self.effects_of(parse.query);
+                let effects = self.statement_effects_of(parse.query);
                 self.unnamed_effects = effects.clone();
                 self.unnamed = Some(ClientStatement {
                     hash: 0,
