@@ -25,9 +25,10 @@ pub struct AdminArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// A proxy's admin console, for what that proxy sees of the servers and
-    /// for its cache (`postgres://USER:PASSWORD@HOST:PORT/shardline`, an
-    /// admin user). Without it, the proxy of the dev cluster in `--dir`.
+    /// A proxy's admin console, for what that proxy sees of the servers, its
+    /// views (`show`) and its cache
+    /// (`postgres://USER:PASSWORD@HOST:PORT/shardline`, an admin user).
+    /// Without it, the proxy of the dev cluster in `--dir`.
     #[arg(long, global = true)]
     proxy: Option<String>,
     #[command(subcommand)]
@@ -41,8 +42,53 @@ enum AdminCommand {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// A view of a proxy's admin console (`SHOW VIEW` there): a table, or
+    /// with `--json` a list of objects (see `--proxy`).
+    Show {
+        #[arg(value_enum)]
+        view: ConsoleView,
+    },
     #[command(flatten)]
     Meta(MetaCommand),
+}
+
+/// The admin console's `SHOW` views (see the README's admin console).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ConsoleView {
+    /// Each pool: clients active and waiting, server connections by state.
+    Pools,
+    /// Each client: user, database, state, address, application_name.
+    Clients,
+    /// Each server connection: state, the client it serves, its backend.
+    Servers,
+    /// Per database: transactions, queries, bytes and times.
+    Stats,
+    /// Every setting, its default and whether RELOAD applies it.
+    Config,
+    /// Each database's objective over the last 5 minutes and hour.
+    Slo,
+    /// The shards and each server's role, health and lag.
+    Shards,
+    /// The point-read cache's counters (also `cache stats`).
+    Cache,
+    /// The proxy's version.
+    Version,
+}
+
+impl ConsoleView {
+    fn command(self) -> &'static str {
+        match self {
+            ConsoleView::Pools => "SHOW POOLS",
+            ConsoleView::Clients => "SHOW CLIENTS",
+            ConsoleView::Servers => "SHOW SERVERS",
+            ConsoleView::Stats => "SHOW STATS",
+            ConsoleView::Config => "SHOW CONFIG",
+            ConsoleView::Slo => "SHOW SLO",
+            ConsoleView::Shards => "SHOW SHARDS",
+            ConsoleView::Cache => "SHOW CACHE",
+            ConsoleView::Version => "SHOW VERSION",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -254,6 +300,31 @@ async fn run_cache(
     Ok(())
 }
 
+/// `shardline admin show VIEW`: the console's rows as they come, as a table
+/// or as one JSON object per row (values as the console's text).
+async fn run_show(
+    view: ConsoleView,
+    url: Option<&str>,
+    dir: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let client = proxy_console(url, dir).await?;
+    let (columns, rows) = console_query(&client, view.command()).await?;
+    if json {
+        let objects: Vec<serde_json::Value> = rows
+            .into_iter()
+            .map(|row| {
+                let object = columns.iter().cloned().zip(row.into_iter().map(Into::into));
+                serde_json::Value::Object(object.collect())
+            })
+            .collect();
+        return print_json(&serde_json::Value::Array(objects));
+    }
+    let headers: Vec<&str> = columns.iter().map(String::as_str).collect();
+    table(&headers, rows);
+    Ok(())
+}
+
 /// Checks that `table` is a name the console's `CACHE ENABLE|DISABLE <table>`
 /// takes: one word, which it uses as written.
 fn console_table(table: &str) -> anyhow::Result<()> {
@@ -330,6 +401,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     let command = match args.command {
         AdminCommand::Cache { action } => {
             return run_cache(action, args.proxy.as_deref(), &args.dir, args.json).await
+        }
+        AdminCommand::Show { view } => {
+            return run_show(view, args.proxy.as_deref(), &args.dir, args.json).await
         }
         AdminCommand::Meta(command) => command,
     };

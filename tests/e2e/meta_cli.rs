@@ -157,22 +157,30 @@ fn three_meta_processes_form_a_group_that_admin_can_change() {
     assert!(text.contains("10.0.0.1:5433"), "{text}");
 }
 
-/// `shardline admin --proxy URL cache ARGS`, run without blocking the
-/// runtime the in-process proxy lives on.
-async fn admin_cache(url: &str, args: &[&str]) -> Output {
+/// `shardline admin --proxy URL ARGS`, run without blocking the runtime
+/// the in-process proxy lives on.
+async fn admin_at(url: &str, args: &[&str]) -> Output {
     tokio::process::Command::new(BIN)
-        .args(["admin", "--proxy", url, "cache"])
+        .args(["admin", "--proxy", url])
         .args(args)
         .output()
         .await
-        .expect("run shardline admin cache")
+        .expect("run shardline admin")
+}
+
+/// `shardline admin --proxy URL cache ARGS`.
+async fn admin_cache(url: &str, args: &[&str]) -> Output {
+    let args: Vec<&str> = std::iter::once("cache")
+        .chain(args.iter().copied())
+        .collect();
+    admin_at(url, &args).await
 }
 
 /// What `admin cache` printed, after checking that it succeeded.
 fn stdout(output: &Output) -> String {
     assert!(
         output.status.success(),
-        "admin cache failed: {}",
+        "admin failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout.clone()).expect("UTF-8 output")
@@ -196,6 +204,20 @@ admin = true
     )
     .await;
     let url = format!("postgres://ops@127.0.0.1:{}/shardline", env.addr.port());
+
+    // `admin show` prints a console view: as a table, and as JSON objects
+    // (the console's own connection is one of the clients).
+    let pools = stdout(&admin_at(&url, &["show", "pools"]).await);
+    assert!(pools.starts_with("database"), "{pools}");
+    let clients = json(&admin_at(&url, &["--json", "show", "clients"]).await);
+    let listed = clients.as_array().expect("a list of clients");
+    assert!(
+        listed
+            .iter()
+            .any(|c| c["user"] == "ops" && c["database"] == "shardline"),
+        "{clients}"
+    );
+
     let stats = json(&admin_cache(&url, &["--json", "stats"]).await);
     assert_eq!(stats["tables"], json!([]), "{stats}");
     assert_eq!(
