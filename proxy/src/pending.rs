@@ -115,6 +115,15 @@ impl Entry {
     }
 }
 
+/// What [`Pending::pass_through`] found at the front of the server's buffer.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Run {
+    /// Its length in bytes.
+    pub len: usize,
+    /// The status byte of the ReadyForQuery that ends it, if it takes one.
+    pub ready: Option<u8>,
+}
+
 /// What to do with one server message.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Disposition {
@@ -262,33 +271,36 @@ impl Pending {
         d
     }
 
-    /// The length of the run of complete server messages at the front of
-    /// `buf` that only pass through: replies to client messages sent on
-    /// (rows, descriptions, completions) that change nothing but which entry
-    /// is at the head, which this pops. Stops before anything else: an
-    /// error, a ReadyForQuery, a COPY IN, a ParameterStatus (the session
-    /// looks at those), a CommandComplete unless
-    /// `commands` (and the head has no session effects), a message whose
-    /// body is longer than `body_max`, and once the run reaches `room` bytes.
-    /// Matches what [`Pending::on_server_message`] does for each message,
-    /// one message at a time.
+    /// The run of complete server messages at the front of `buf` that only
+    /// pass through: replies to client messages sent on (rows, descriptions,
+    /// completions) that change nothing but which entry is at the head,
+    /// which this pops. With `ready`, the ReadyForQuery that answers a
+    /// client's Sync or Query ends the run, its status in [`Run::ready`]
+    /// (the caller forwards it unchanged and ends the request). Stops before
+    /// anything else: an error, any other ReadyForQuery, a COPY IN, a
+    /// ParameterStatus (the session looks at those), a CommandComplete
+    /// unless `commands` (and the head has no session effects), a message
+    /// whose body is longer than `body_max`, and once the run reaches
+    /// `room` bytes. Matches what [`Pending::on_server_message`] does for
+    /// each message, one message at a time.
     pub fn pass_through(
         &mut self,
         buf: &[u8],
         commands: bool,
+        ready: bool,
         body_max: usize,
         room: usize,
-    ) -> usize {
-        let mut end = 0;
+    ) -> Run {
+        let mut run = Run::default();
         let Some(Entry::Forwarded {
             expect, effects, ..
         }) = self.entries.front()
         else {
-            return 0;
+            return run;
         };
         let (mut expect, mut commands_here) = (*expect, commands && effects.is_none());
-        while end < room {
-            let rest = &buf[end..];
+        while run.len < room {
+            let rest = &buf[run.len..];
             let Some(&[tag, l0, l1, l2, l3]) = rest.get(..wire::HEADER_LEN) else {
                 break;
             };
@@ -297,6 +309,12 @@ impl Pending {
                 break;
             }
             match tag {
+                backend::READY_FOR_QUERY if ready && expect == Expect::Ready && len == 5 => {
+                    run.len += 1 + len;
+                    run.ready = Some(rest[wire::HEADER_LEN]);
+                    self.entries.pop_front();
+                    break;
+                }
                 backend::ERROR_RESPONSE
                 | backend::READY_FOR_QUERY
                 | backend::PARAMETER_STATUS
@@ -305,7 +323,7 @@ impl Pending {
                 backend::COMMAND_COMPLETE if !commands_here => break,
                 _ => {}
             }
-            end += 1 + len;
+            run.len += 1 + len;
             if expect.completed_by(tag) {
                 self.entries.pop_front();
                 match self.entries.front() {
@@ -318,7 +336,7 @@ impl Pending {
                 }
             }
         }
-        end
+        run
     }
 
     /// The session effect of the statement a CommandComplete with `tag` just
@@ -533,25 +551,28 @@ mod tests {
             READY_FOR_QUERY,
         ];
         #[rustfmt::skip]
-        let cases: &[(&str, &[Entry], &[u8], bool, usize, usize)] = &[
-            // name, entries, reply tags, commands, room, frames passed
-            ("simple", &simple, &reply, true, usize::MAX, 3),
-            ("simple, commands held back", &simple, &reply, false, usize::MAX, 2),
-            ("simple, statement with effects", &effects, &reply, true, usize::MAX, 2),
-            ("extended", &extended, &extended_reply, true, usize::MAX, 5),
-            ("extended, commands held back", &extended, &extended_reply, false, usize::MAX, 4),
-            ("a local reply is due after the first", &local_next, &[PARSE_COMPLETE, READY_FOR_QUERY], true, usize::MAX, 1),
-            ("injected", &injected, &[PARSE_COMPLETE, READY_FOR_QUERY], true, usize::MAX, 0),
-            ("error", &simple, &[NOTICE_RESPONSE, ERROR_RESPONSE, READY_FOR_QUERY], true, usize::MAX, 1),
-            ("copy in", &simple, &[COPY_IN_RESPONSE], true, usize::MAX, 0),
-            ("room for one", &simple, &reply, true, 1, 1),
-            ("nothing owed", &[], &reply, true, usize::MAX, 0),
+        let cases: &[(&str, &[Entry], &[u8], bool, bool, usize, usize)] = &[
+            // name, entries, reply tags, commands, ready, room, frames passed
+            ("simple", &simple, &reply, true, false, usize::MAX, 3),
+            ("simple, to its ReadyForQuery", &simple, &reply, true, true, usize::MAX, 4),
+            ("simple, commands held back", &simple, &reply, false, true, usize::MAX, 2),
+            ("simple, statement with effects", &effects, &reply, true, true, usize::MAX, 2),
+            ("extended", &extended, &extended_reply, true, false, usize::MAX, 5),
+            ("extended, to its ReadyForQuery", &extended, &extended_reply, true, true, usize::MAX, 6),
+            ("extended, commands held back", &extended, &extended_reply, false, true, usize::MAX, 4),
+            ("a local reply is due after the first", &local_next, &[PARSE_COMPLETE, READY_FOR_QUERY], true, true, usize::MAX, 1),
+            ("injected", &injected, &[PARSE_COMPLETE, READY_FOR_QUERY], true, true, usize::MAX, 0),
+            ("error", &simple, &[NOTICE_RESPONSE, ERROR_RESPONSE, READY_FOR_QUERY], true, true, usize::MAX, 1),
+            ("copy in", &simple, &[COPY_IN_RESPONSE], true, true, usize::MAX, 0),
+            ("room for one", &simple, &reply, true, true, 1, 1),
+            ("nothing owed", &[], &reply, true, true, usize::MAX, 0),
         ];
-        for &(name, entries, tags, commands, room, passed) in cases {
+        for &(name, entries, tags, commands, ready, room, passed) in cases {
             let mut buf = Vec::new();
             let mut ends = vec![0];
             for &tag in tags {
-                buf.extend(frame(tag, b"x\0"));
+                let body: &[u8] = if tag == READY_FOR_QUERY { b"I" } else { b"x\0" };
+                buf.extend(frame(tag, body));
                 ends.push(buf.len());
             }
             let (mut fast, mut slow) = (Pending::default(), Pending::default());
@@ -560,8 +581,10 @@ mod tests {
                 fast.push(e.clone(), &mut out);
                 slow.push(e.clone(), &mut out);
             }
-            let run = fast.pass_through(&buf, commands, 1 << 20, room);
-            assert_eq!(run, ends[passed], "{name}");
+            let run = fast.pass_through(&buf, commands, ready, 1 << 20, room);
+            assert_eq!(run.len, ends[passed], "{name}");
+            let took_ready = passed > 0 && tags[passed - 1] == READY_FOR_QUERY;
+            assert_eq!(run.ready, took_ready.then_some(b'I'), "{name}");
             for &tag in &tags[..passed] {
                 let d = slow.on_server_message(tag, &mut out);
                 assert!(
@@ -579,15 +602,18 @@ mod tests {
             let cut = ends[passed]
                 .saturating_sub(1)
                 .max(ends[passed.saturating_sub(1)]);
-            let run = fast.pass_through(&buf[..cut], commands, 1 << 20, room);
-            assert_eq!(run, ends[passed.saturating_sub(1)], "{name}, cut short");
+            let run = fast.pass_through(&buf[..cut], commands, ready, 1 << 20, room);
+            assert_eq!(run.len, ends[passed.saturating_sub(1)], "{name}, cut short");
         }
         // A message longer than the caller's limit is left to it.
         let mut p = Pending::default();
         p.push(fwd(Expect::Ready), &mut BytesMut::new());
         let row = frame(DATA_ROW, &[7; 100]);
-        assert_eq!(p.pass_through(&row, true, 99, usize::MAX), 0);
-        assert_eq!(p.pass_through(&row, true, 100, usize::MAX), row.len());
+        assert_eq!(p.pass_through(&row, true, true, 99, usize::MAX).len, 0);
+        assert_eq!(
+            p.pass_through(&row, true, true, 100, usize::MAX).len,
+            row.len()
+        );
     }
 
     #[test]

@@ -1375,18 +1375,27 @@ impl Session {
             }
             if self.retry.is_none() && self.fill.is_none() {
                 // Replies that only pass through (rows, descriptions, plain
-                // completions) leave in one copy per run, not one per message.
+                // completions, the ReadyForQuery the client gets as is)
+                // leave in one copy per run, not one per message.
                 let commands = self.cache_writes.is_empty() && self.txn_effects.is_empty();
+                let ready = self.deferred_begin.is_none() && !self.aborted_locally;
                 let run = self.pending.pass_through(
                     &conn.buf,
                     commands,
+                    ready,
                     message_max.min(STREAM_THRESHOLD - wire::HEADER_LEN),
                     buffer_max - self.cout.len(),
                 );
-                if run > 0 {
-                    self.cout.extend_from_slice(&conn.buf[..run]);
-                    conn.buf.advance(run);
+                if run.len > 0 {
+                    self.cout.extend_from_slice(&conn.buf[..run.len]);
+                    conn.buf.advance(run.len);
                     self.pending.drain_local(&mut self.cout);
+                    if let Some(status) = run.ready {
+                        // As the message-by-message path below does.
+                        let status = TransactionStatus::decode(&[status])?;
+                        self.on_ready(status);
+                        self.request_answered(status);
+                    }
                     continue;
                 }
             }
