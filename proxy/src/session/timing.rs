@@ -30,7 +30,19 @@ impl Session {
     /// (Sync, Query, FunctionCall) as sent. Each of those gets exactly one
     /// ReadyForQuery, so a Sync with nothing before it is a request of its
     /// own, and requests and ReadyForQuery messages pair up in order.
+    #[inline]
     pub(super) fn track_request(&mut self, tag: u8, body: &[u8]) {
+        // Most messages go on with the request in flight (a Bind after its
+        // Parse): nothing to note.
+        let continues = matches!(tag, frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE)
+            && self.queued.is_empty()
+            && self.in_flight.as_ref().is_some_and(|r| !r.closed);
+        if !continues {
+            self.note_request(tag, body);
+        }
+    }
+
+    fn note_request(&mut self, tag: u8, body: &[u8]) {
         let starts = matches!(
             tag,
             frontend::QUERY
