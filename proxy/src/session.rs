@@ -1357,6 +1357,8 @@ impl Session {
         let buffer_max = self.shared.config.proxy.buffer_bytes_max as usize;
         let message_max = self.shared.config.proxy.message_bytes_max as usize;
         loop {
+            // A ReadyForQuery then goes to the client as the proxy's.
+            let status_is_proxys = self.status_is_proxys();
             let Some(conn) = self.server.as_deref_mut() else {
                 return Ok(());
             };
@@ -1378,7 +1380,7 @@ impl Session {
                 // completions, the ReadyForQuery the client gets as is)
                 // leave in one copy per run, not one per message.
                 let commands = self.cache_writes.is_empty() && self.txn_effects.is_empty();
-                let ready = self.deferred_begin.is_none() && !self.aborted_locally;
+                let ready = !status_is_proxys;
                 let run = self.pending.pass_through(
                     &conn.buf,
                     commands,
@@ -1522,11 +1524,7 @@ impl Session {
             if hold {
                 self.held_reply.extend_from_slice(&conn.buf[..frame_len]);
             } else if d.forward {
-                if tag == backend::READY_FOR_QUERY
-                    && (self.deferred_begin.is_some() || self.aborted_locally)
-                {
-                    // The client began a transaction no server has seen yet,
-                    // or one the proxy aborted: its status is the proxy's.
+                if tag == backend::READY_FOR_QUERY && status_is_proxys {
                     backend::encode_ready_for_query(&mut self.cout, self.txn_status);
                 } else {
                     self.cout.extend_from_slice(&conn.buf[..frame_len]);
@@ -1608,14 +1606,21 @@ impl Session {
         self.params_dirty = self.params != conn.params;
     }
 
+    /// Whether the client's transaction status is the proxy's, not the
+    /// server's: it began a transaction no server has seen yet (a deferred
+    /// BEGIN), or one the proxy aborted.
+    fn status_is_proxys(&self) -> bool {
+        self.deferred_begin.is_some() || self.aborted_locally
+    }
+
     /// ReadyForQuery: an implicit transaction ends here, committed unless it failed.
     fn on_ready(&mut self, status: TransactionStatus) {
         if status == TransactionStatus::Idle {
             // Before the client can see the reply, which is still in `cout`.
             self.apply_cache_writes();
         }
-        if self.deferred_begin.is_some() || self.aborted_locally {
-            return; // the client's transaction status is the proxy's, not the server's
+        if self.status_is_proxys() {
+            return;
         }
         self.txn_status = status;
         if status == TransactionStatus::Idle {

@@ -32,48 +32,40 @@ impl Session {
     /// own, and requests and ReadyForQuery messages pair up in order.
     #[inline]
     pub(super) fn track_request(&mut self, tag: u8, body: &[u8]) {
-        // Most messages go on with the request in flight (a Bind after its
-        // Parse): nothing to note.
-        let continues = matches!(tag, frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE)
-            && self.queued.is_empty()
-            && self.in_flight.as_ref().is_some_and(|r| !r.closed);
-        if !continues {
-            self.note_request(tag, body);
-        }
-    }
-
-    fn note_request(&mut self, tag: u8, body: &[u8]) {
-        let starts = matches!(
-            tag,
-            frontend::QUERY
-                | frontend::PARSE
-                | frontend::BIND
-                | frontend::DESCRIBE
-                | frontend::EXECUTE
-                | frontend::FUNCTION_CALL
-                | frontend::SYNC
-        );
-        if starts {
-            let latest = self.queued.back().or(self.in_flight.as_ref());
-            match latest {
-                None => {
-                    let request = self.new_request(tag, body);
-                    self.in_flight = Some(request);
-                }
-                Some(r) if r.closed && self.queued.len() < PIPELINED_MAX => {
-                    let request = self.new_request(tag, body);
-                    self.queued.push_back(request);
-                }
-                _ => {}
-            }
-        }
-        if matches!(
+        let ends = matches!(
             tag,
             frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
-        ) {
+        );
+        if !ends
+            && !matches!(
+                tag,
+                frontend::PARSE | frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE
+            )
+        {
+            return;
+        }
+        // Usually the latest request is still open (a Bind after its Parse)
+        // and this message goes on with it.
+        let open = (self.queued.back().or(self.in_flight.as_ref())).is_some_and(|r| !r.closed);
+        if !open {
+            self.start_request(tag, body);
+        }
+        if ends {
             if let Some(r) = self.queued.back_mut().or(self.in_flight.as_mut()) {
                 r.closed = true;
             }
+        }
+    }
+
+    /// A request starts with this message: in flight if none is, else
+    /// queued behind the last (unless `PIPELINED_MAX` are queued already).
+    fn start_request(&mut self, tag: u8, body: &[u8]) {
+        if self.in_flight.is_none() && self.queued.is_empty() {
+            let request = self.new_request(tag, body);
+            self.in_flight = Some(request);
+        } else if self.queued.len() < PIPELINED_MAX {
+            let request = self.new_request(tag, body);
+            self.queued.push_back(request);
         }
     }
 
