@@ -82,12 +82,14 @@ fn run() -> anyhow::Result<()> {
             if !meta.is_empty() {
                 config.set_metadata_endpoints(meta);
             }
-            runtime(config.proxy.worker_threads)?.block_on(run_proxy(config))
+            // The proxy's sessions run on its own workers (`proxy::workers`):
+            // this thread keeps the accept loop and the background tasks.
+            runtime(true)?.block_on(run_proxy(config))
         }
-        Command::Dev(args) => runtime(0)?.block_on(dev::run(args)),
-        Command::Meta(args) => runtime(0)?.block_on(meta::run(args)),
-        Command::Bench(args) => runtime(0)?.block_on(benches::main(args)).map(drop),
-        Command::Admin(args) => match runtime(1)?.block_on(admin::run(args)) {
+        Command::Dev(args) => runtime(false)?.block_on(dev::run(args)),
+        Command::Meta(args) => runtime(false)?.block_on(meta::run(args)),
+        Command::Bench(args) => runtime(false)?.block_on(benches::main(args)).map(drop),
+        Command::Admin(args) => match runtime(true)?.block_on(admin::run(args)) {
             Ok(()) => Ok(()),
             Err(e) => match admin::explain(&e) {
                 Some(message) => {
@@ -100,17 +102,13 @@ fn run() -> anyhow::Result<()> {
     }
 }
 
-/// The async runtime: one thread per core by default, or as configured. One
-/// thread runs everything on the current thread, with no cross-thread wakeups.
-fn runtime(worker_threads: u32) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = match worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n as usize);
-            b
-        }
+/// The async runtime: one thread per core, or with `one_thread` only the
+/// current one. (The proxy runs its sessions on workers of its own, each a
+/// single thread: `proxy::workers`.)
+fn runtime(one_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match one_thread {
+        true => tokio::runtime::Builder::new_current_thread(),
+        false => tokio::runtime::Builder::new_multi_thread(),
     };
     builder
         .enable_all()

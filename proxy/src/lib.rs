@@ -31,6 +31,7 @@ pub mod shared;
 pub mod slo;
 pub mod statement_stats;
 pub mod stats;
+pub mod workers;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::params;
 use crate::session::{Login, Session};
 use crate::shared::Shared;
+use crate::workers::Workers;
 
 /// Largest authentication message accepted (PostgreSQL: PG_MAX_AUTH_TOKEN_LENGTH is 65535).
 const AUTH_MESSAGE_BYTES_MAX: u32 = 65_535;
@@ -33,6 +34,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
     /// The operators' HTTP listener, when configured and bound.
     metrics: Option<std::net::TcpListener>,
+    /// Where sessions run; `None`: on the runtime `run` is called on.
+    workers: Option<Workers>,
 }
 
 impl Proxy {
@@ -69,10 +72,15 @@ impl Proxy {
         }
         tokio::spawn(crate::stats::sample(Arc::downgrade(&shared)));
         tokio::spawn(close_idle_servers(Arc::downgrade(&shared)));
+        let workers = match Workers::count(shared.config.proxy.worker_threads) {
+            Some(n) => Some(Workers::start(n)?),
+            None => None,
+        };
         Ok(Proxy {
             listener,
             shared,
             metrics,
+            workers,
         })
     }
 
@@ -103,6 +111,7 @@ impl Proxy {
             listener,
             shared,
             metrics,
+            workers,
         } = self;
         let metrics = metrics.map(|listener| {
             let max = shared.config.admin.connections_max;
@@ -117,21 +126,33 @@ impl Proxy {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let shared = shared.clone();
-                        // DEBUG: an enabled span costs an enter and an exit
-                        // per poll, about 600 instructions per transaction,
-                        // and even a disabled one about 100: without DEBUG
-                        // the session runs bare.
                         let span = tracing::debug_span!(
                             "session",
                             client = %peer,
                             database = tracing::field::Empty,
                             user = tracing::field::Empty,
                         );
-                        let session = handle(shared, stream, peer);
+                        let on_worker = workers.is_some();
+                        let session = async move {
+                            // A worker registers it again with its own reactor.
+                            let stream = match on_worker {
+                                true => stream.into_std().and_then(TcpStream::from_std),
+                                false => Ok(stream),
+                            };
+                            match stream {
+                                Ok(stream) => handle(shared, stream, peer).await,
+                                Err(e) => tracing::warn!(%peer, error = %e, "cannot serve client"),
+                            }
+                        };
+                        // DEBUG: an enabled span costs an enter and an exit
+                        // per poll, about 600 instructions per transaction,
+                        // and even a disabled one about 100: without DEBUG
+                        // the session runs bare.
                         if span.is_disabled() {
-                            tokio::spawn(session);
+                            spawn_session(workers.as_ref(), session);
                         } else {
-                            tokio::spawn(tracing::Instrument::instrument(session, span));
+                            let session = tracing::Instrument::instrument(session, span);
+                            spawn_session(workers.as_ref(), session);
                         }
                     }
                     Err(e) => {
@@ -148,6 +169,18 @@ impl Proxy {
         if let Some(metrics) = metrics {
             metrics.abort();
         }
+        drop(workers);
+    }
+}
+
+/// Runs a session on the least busy worker, or without workers here.
+fn spawn_session<F>(workers: Option<&Workers>, session: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    match workers {
+        Some(workers) => workers.spawn(session),
+        None => drop(tokio::spawn(session)),
     }
 }
 

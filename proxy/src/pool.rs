@@ -106,6 +106,8 @@ pub struct PoolCore {
 struct Warm {
     conn: bb8::PooledConnection<'static, ServerManager>,
     since_us: u64,
+    /// `conn.home`, without a pointer to follow.
+    home: u32,
 }
 
 /// The settings `RELOAD` may change in a pool.
@@ -272,6 +274,7 @@ impl Drop for Pooled {
             // Before the slot goes back (the field drops after this), so
             // a checkout the gate lets in finds it.
             let warm = Warm {
+                home: conn.home,
                 conn: pooled,
                 since_us: now,
             };
@@ -281,15 +284,29 @@ impl Drop for Pooled {
 }
 
 impl PoolCore {
-    /// The most recently returned idle connection that is still usable.
+    /// The most recently returned idle connection that is still usable,
+    /// preferably one this worker used last (see [`crate::workers`]).
     /// Connections found closed, out of step or idle past
     /// `server_idle_timeout` go back to bb8 marked broken, which closes them.
     #[inline]
     fn take_warm(&self, now: u64) -> Option<bb8::PooledConnection<'static, ServerManager>> {
         let idle_timeout_us = self.idle_timeout_us.load(Ordering::Relaxed);
+        let here = crate::workers::home();
         loop {
-            let Warm { mut conn, since_us } = self.warm.lock().expect("lock poisoned").pop()?;
-            if now.saturating_sub(since_us) < idle_timeout_us && conn.is_idle_and_open() {
+            let Warm {
+                mut conn, since_us, ..
+            } = {
+                let mut warm = self.warm.lock().expect("lock poisoned");
+                match warm.iter().rposition(|w| w.home == here) {
+                    // Taken out of the middle, the stack stays oldest first.
+                    Some(i) => warm.remove(i),
+                    None => warm.pop()?,
+                }
+            };
+            if now.saturating_sub(since_us) < idle_timeout_us
+                && conn.is_idle_and_open()
+                && conn.settle().is_ok()
+            {
                 self.warm_hits.fetch_add(1, Ordering::Relaxed);
                 return Some(conn);
             }
@@ -792,10 +809,16 @@ impl Pool {
             bb8::RunError<Error>,
         >,
     ) -> Result<bb8::PooledConnection<'static, ServerManager>> {
-        got.map_err(|e| match e {
+        let mut conn = got.map_err(|e| match e {
             bb8::RunError::User(e) => e,
             bb8::RunError::TimedOut => self.exhausted(self.core.checkout_timeout()),
-        })
+        })?;
+        // Opened by a task of whichever worker asked bb8 first.
+        if let Err(e) = conn.settle() {
+            conn.broken = true;
+            return Err(Error::ServerIo(e));
+        }
+        Ok(conn)
     }
 
     fn exhausted(&self, waited: Duration) -> Error {

@@ -120,6 +120,9 @@ pub struct ServerConn {
     pub info: Arc<ServerInfo>,
     /// Its entry in its pool's list of servers, removed when it closes.
     pub registration: Option<crate::pool::ServerRegistration>,
+    /// The worker whose reactor `stream` is registered with (see
+    /// [`crate::workers`]).
+    pub home: u32,
 }
 
 impl ServerConn {
@@ -299,7 +302,26 @@ impl ServerConn {
             retire: false,
             info: Arc::new(ServerInfo::new(0, process_id, local, 0)),
             registration: None,
+            home: crate::workers::home(),
         })
+    }
+
+    /// Registers the socket with this thread's reactor, if another worker's
+    /// has it: a connection borrowed on another worker than the one that
+    /// last used it moves there, so that its wakeups stay on the thread
+    /// that polls it. Costs a `dup`, an `epoll_ctl` on each side and a
+    /// `close`, once per move. Only for a connection nobody is polling.
+    pub fn settle(&mut self) -> std::io::Result<()> {
+        let here = crate::workers::home();
+        if self.home == here {
+            return Ok(());
+        }
+        // The duplicate shares the socket (and its non-blocking flag); the
+        // old descriptor leaves the old reactor when the old stream drops.
+        let fd = std::os::fd::AsFd::as_fd(&self.stream).try_clone_to_owned()?;
+        self.stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+        self.home = here;
+        Ok(())
     }
 
     /// Whether an idle connection is still usable: not closed, and nothing

@@ -220,6 +220,54 @@ async fn five_hundred_clients_share_ten_connections() {
     );
 }
 
+/// Two clients on two workers take turns with one server connection: it
+/// moves to the reactor of each borrower's worker (`ServerConn::settle`)
+/// and keeps working, for prepared statements and for a waiter the gate
+/// lets in when the other worker's transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_connection_serves_clients_on_every_worker() {
+    let env = Env::with(Options {
+        pool_size: 1,
+        proxy_extra: "worker_threads = 2".into(),
+        ..Options::default()
+    })
+    .await;
+    // A new client goes to the least busy worker: one each.
+    let a = env.client().await;
+    let b = Arc::new(env.client().await);
+    let on_a = a
+        .prepare("SELECT $1::int8 + 1, pg_backend_pid()")
+        .await
+        .unwrap();
+    let on_b = b
+        .prepare("SELECT $1::text || 'b', pg_backend_pid()")
+        .await
+        .unwrap();
+    let mut pids = HashSet::new();
+    for i in 0..50i64 {
+        let row = a.query_one(&on_a, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), i + 1);
+        pids.insert(row.get::<_, i32>(1));
+        let row = b.query_one(&on_b, &[&i.to_string()]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), format!("{i}b"));
+        pids.insert(row.get::<_, i32>(1));
+        if i % 10 == 0 {
+            // B waits at the gate while A's transaction holds the connection.
+            a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+            let waiter = b.clone();
+            let waiting = tokio::spawn(async move {
+                let row = waiter.query_one("SELECT pg_backend_pid()", &[]).await;
+                row.unwrap().get::<_, i32>(0)
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!waiting.is_finished(), "B waits for the one connection");
+            a.batch_execute("COMMIT").await.unwrap();
+            pids.insert(waiting.await.unwrap());
+        }
+    }
+    assert_eq!(pids.len(), 1, "one server connection served both: {pids:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_pool_and_client_cap_give_clear_errors() {
     let env = Env::with(Options {

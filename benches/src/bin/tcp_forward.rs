@@ -1,12 +1,13 @@
 //! `tcp_forward LISTEN SERVER [WORKER_THREADS]`: the floor under any tokio
 //! proxy. Each client gets its own server connection and bytes are copied
 //! both ways, with no pooling, no parsing, nothing counted: what a proxy
-//! built the way Shardline is (tokio, a task per client, a `select!` over
-//! both sockets) costs before doing any work of its own.
-//! `benches/pgbench-compare.sh` runs it beside the proxies with `FLOOR=1`.
+//! built the way Shardline is (tokio, a task per client on a worker of
+//! [`proxy::workers`], a `select!` over both sockets) costs before doing
+//! any work of its own. `benches/pgbench-compare.sh` runs it beside the
+//! proxies with `FLOOR=1`.
 //!
 //! WORKER_THREADS as Shardline's `worker_threads`: 0 (the default) is one
-//! per core, 1 a single event loop.
+//! worker per core, 1 a single event loop.
 
 use std::net::SocketAddr;
 
@@ -43,26 +44,30 @@ fn main() -> anyhow::Result<()> {
     let usage = "usage: tcp_forward LISTEN SERVER [WORKER_THREADS]";
     let listen: SocketAddr = args.next().context(usage)?.parse().context(usage)?;
     let server: SocketAddr = args.next().context(usage)?.parse().context(usage)?;
-    let threads: usize = args.next().map_or(Ok(0), |t| t.parse()).context(usage)?;
-    let runtime = match threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?,
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
-    };
+    let threads: u32 = args.next().map_or(Ok(0), |t| t.parse()).context(usage)?;
+    let workers = proxy::workers::Workers::count(threads)
+        .map(proxy::workers::Workers::start)
+        .transpose()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let listener = TcpListener::bind(listen).await?;
         loop {
             let (client, _) = listener.accept().await?;
-            tokio::spawn(async move {
-                let _ = forward(client, server).await;
-            });
+            match &workers {
+                None => drop(tokio::spawn(async move {
+                    let _ = forward(client, server).await;
+                })),
+                Some(workers) => {
+                    let client = client.into_std()?;
+                    workers.spawn(async move {
+                        if let Ok(client) = TcpStream::from_std(client) {
+                            let _ = forward(client, server).await;
+                        }
+                    });
+                }
+            }
         }
     })
 }
