@@ -51,6 +51,12 @@ impl Proxy {
         // A deep accept queue: a storm of connections must not lose SYNs (each
         // lost one costs its client a one-second retransmit).
         let listener = socket.listen(config.proxy.listen_backlog)?;
+        // Before the follower, which would outlive a failed bind (workers
+        // stop when dropped).
+        let workers = match Workers::count(config.proxy.worker_threads) {
+            Some(n) => Some(Workers::start(n)?),
+            None => None,
+        };
         let follower = config.metadata.as_ref().map(|m| {
             let addr = listener.local_addr().map_or(addr, |a| a);
             crate::follower::MapFollower::start(m, addr.to_string())
@@ -72,10 +78,6 @@ impl Proxy {
         }
         tokio::spawn(crate::stats::sample(Arc::downgrade(&shared)));
         tokio::spawn(close_idle_servers(Arc::downgrade(&shared)));
-        let workers = match Workers::count(shared.config.proxy.worker_threads) {
-            Some(n) => Some(Workers::start(n)?),
-            None => None,
-        };
         Ok(Proxy {
             listener,
             shared,

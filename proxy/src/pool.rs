@@ -303,10 +303,8 @@ impl PoolCore {
                     None => warm.pop()?,
                 }
             };
-            if now.saturating_sub(since_us) < idle_timeout_us
-                && conn.is_idle_and_open()
-                && conn.settle().is_ok()
-            {
+            if now.saturating_sub(since_us) < idle_timeout_us && conn.is_idle_and_open() {
+                conn.settle();
                 self.warm_hits.fetch_add(1, Ordering::Relaxed);
                 return Some(conn);
             }
@@ -814,10 +812,7 @@ impl Pool {
             bb8::RunError::TimedOut => self.exhausted(self.core.checkout_timeout()),
         })?;
         // Opened by a task of whichever worker asked bb8 first.
-        if let Err(e) = conn.settle() {
-            conn.broken = true;
-            return Err(Error::ServerIo(e));
-        }
+        conn.settle();
         Ok(conn)
     }
 

@@ -310,18 +310,27 @@ impl ServerConn {
     /// has it: a connection borrowed on another worker than the one that
     /// last used it moves there, so that its wakeups stay on the thread
     /// that polls it. Costs a `dup`, an `epoll_ctl` on each side and a
-    /// `close`, once per move. Only for a connection nobody is polling.
-    pub fn settle(&mut self) -> std::io::Result<()> {
+    /// `close`, once per move, and the first write waits for the new
+    /// reactor to report the socket writable. Only for a connection nobody
+    /// is polling. If it cannot move (out of file descriptors), it stays
+    /// where it is: still usable, each wakeup then crossing threads.
+    pub fn settle(&mut self) {
         let here = crate::workers::home();
         if self.home == here {
-            return Ok(());
+            return;
         }
         // The duplicate shares the socket (and its non-blocking flag); the
         // old descriptor leaves the old reactor when the old stream drops.
-        let fd = std::os::fd::AsFd::as_fd(&self.stream).try_clone_to_owned()?;
-        self.stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
-        self.home = here;
-        Ok(())
+        let moved = std::os::fd::AsFd::as_fd(&self.stream)
+            .try_clone_to_owned()
+            .and_then(|fd| TcpStream::from_std(std::net::TcpStream::from(fd)));
+        match moved {
+            Ok(stream) => {
+                self.stream = stream;
+                self.home = here;
+            }
+            Err(e) => tracing::debug!(error = %e, "server connection stays on its worker"),
+        }
     }
 
     /// Whether an idle connection is still usable: not closed, and nothing

@@ -11,9 +11,10 @@
 //! tokio forwarder on it spent more CPU per transaction than all of
 //! PgBouncer.
 //!
-//! The runtime the proxy was started on keeps the accept loop and the
+//! The runtime the proxy was started on keeps the accept loop and its
 //! background tasks (statistics, idle-connection closing, the metadata
-//! follower, the metrics listener).
+//! follower, the metrics listener). Tasks a session starts (a shard's
+//! health monitor, bb8's connects) run on the session's worker.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -54,21 +55,31 @@ impl Workers {
     pub fn start(n: usize) -> std::io::Result<Workers> {
         let mut workers = Vec::with_capacity(n);
         for _ in 0..n {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let handle = runtime.handle().clone();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let home = NEXT_HOME.fetch_add(1, Ordering::Relaxed);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let (started, handle) = std::sync::mpsc::sync_channel(1);
+            // The runtime is built and dropped on its own thread: dropped
+            // here, inside the caller's runtime, it would panic.
             std::thread::Builder::new()
                 .name(format!("shardline-worker-{home}"))
                 .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => return drop(started.send(Err(e))),
+                    };
                     HOME.with(|h| h.set(home));
+                    let _ = started.send(Ok(runtime.handle().clone()));
                     // Runs the sessions until the proxy stops (or drops the
                     // sender, when it could not start).
                     let _ = runtime.block_on(stopped);
                     runtime.shutdown_background();
                 })?;
+            let handle = handle
+                .recv()
+                .map_err(|_| std::io::Error::other("a worker thread ended at its start"))??;
             workers.push(Worker {
                 handle,
                 sessions: Arc::new(AtomicUsize::new(0)),
