@@ -34,8 +34,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
     /// The operators' HTTP listener, when configured and bound.
     metrics: Option<std::net::TcpListener>,
-    /// Where sessions run; `None`: on the runtime `run` is called on.
-    workers: Option<Workers>,
+    /// Where sessions run.
+    workers: Workers,
 }
 
 impl Proxy {
@@ -53,10 +53,7 @@ impl Proxy {
         let listener = socket.listen(config.proxy.listen_backlog)?;
         // Before the follower, which would outlive a failed bind (workers
         // stop when dropped).
-        let workers = match Workers::count(config.proxy.worker_threads) {
-            Some(n) => Some(Workers::start(n)?),
-            None => None,
-        };
+        let workers = Workers::start(config.proxy.worker_threads)?;
         let follower = config.metadata.as_ref().map(|m| {
             let addr = listener.local_addr().map_or(addr, |a| a);
             crate::follower::MapFollower::start(m, addr.to_string())
@@ -134,27 +131,16 @@ impl Proxy {
                             database = tracing::field::Empty,
                             user = tracing::field::Empty,
                         );
-                        let on_worker = workers.is_some();
-                        let session = async move {
-                            // A worker registers it again with its own reactor.
-                            let stream = match on_worker {
-                                true => stream.into_std().and_then(TcpStream::from_std),
-                                false => Ok(stream),
-                            };
-                            match stream {
-                                Ok(stream) => handle(shared, stream, peer).await,
-                                Err(e) => tracing::warn!(%peer, error = %e, "cannot serve client"),
-                            }
-                        };
                         // DEBUG: an enabled span costs an enter and an exit
                         // per poll, about 600 instructions per transaction,
                         // and even a disabled one about 100: without DEBUG
                         // the session runs bare.
                         if span.is_disabled() {
-                            spawn_session(workers.as_ref(), session);
+                            workers.serve(stream, move |stream| handle(shared, stream, peer));
                         } else {
-                            let session = tracing::Instrument::instrument(session, span);
-                            spawn_session(workers.as_ref(), session);
+                            workers.serve(stream, move |stream| {
+                                tracing::Instrument::instrument(handle(shared, stream, peer), span)
+                            });
                         }
                     }
                     Err(e) => {
@@ -172,17 +158,6 @@ impl Proxy {
             metrics.abort();
         }
         drop(workers);
-    }
-}
-
-/// Runs a session on the least busy worker, or without workers here.
-fn spawn_session<F>(workers: Option<&Workers>, session: F)
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    match workers {
-        Some(workers) => workers.spawn(session),
-        None => drop(tokio::spawn(session)),
     }
 }
 

@@ -21,6 +21,8 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use tokio::net::TcpStream;
+
 thread_local! {
     /// This thread's worker number, 0 on threads that are not workers.
     static HOME: Cell<u32> = const { Cell::new(0) };
@@ -37,8 +39,9 @@ pub fn home() -> u32 {
     HOME.with(Cell::get)
 }
 
-/// The session workers of one proxy. Dropping it stops them; their tasks
-/// are dropped without waiting (the proxy has drained its clients first).
+/// The session workers of one proxy (none: one thread for everything).
+/// Dropping it stops them; their tasks are dropped without waiting (the
+/// proxy has drained its clients first).
 pub struct Workers {
     workers: Vec<Worker>,
 }
@@ -51,8 +54,14 @@ struct Worker {
 }
 
 impl Workers {
-    /// Starts `n` workers.
-    pub fn start(n: usize) -> std::io::Result<Workers> {
+    /// Starts the workers `worker_threads` asks for: 0 is one per core, 1
+    /// none (sessions then run on the caller's runtime, on one thread).
+    pub fn start(worker_threads: u32) -> std::io::Result<Workers> {
+        let n = match worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        };
+        let n = if n > 1 { n } else { 0 };
         let mut workers = Vec::with_capacity(n);
         for _ in 0..n {
             let home = NEXT_HOME.fetch_add(1, Ordering::Relaxed);
@@ -89,32 +98,32 @@ impl Workers {
         Ok(Workers { workers })
     }
 
-    /// How many workers to start for `worker_threads` (0: one per core).
-    /// `None`: run sessions on the proxy's own runtime (one thread).
-    pub fn count(worker_threads: u32) -> Option<usize> {
-        match worker_threads {
-            1 => None,
-            0 => {
-                Some(std::thread::available_parallelism().map_or(1, |n| n.get())).filter(|&n| n > 1)
-            }
-            n => Some(n as usize),
-        }
-    }
-
-    /// Runs `session` on the worker with the fewest sessions.
-    pub fn spawn<F>(&self, session: F)
+    /// Serves a client accepted on the caller's runtime: `serve(stream)`
+    /// runs on the worker with the fewest sessions, with the socket
+    /// registered with that worker's reactor; without workers, here.
+    pub fn serve<F, Fut>(&self, stream: TcpStream, serve: F)
     where
-        F: Future<Output = ()> + Send + 'static,
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
     {
-        let worker = (self.workers.iter())
-            .min_by_key(|w| w.sessions.load(Ordering::Relaxed))
-            .expect("at least one worker");
+        let Some(worker) = (self.workers.iter()).min_by_key(|w| w.sessions.load(Ordering::Relaxed))
+        else {
+            tokio::spawn(serve(stream));
+            return;
+        };
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => return tracing::warn!(error = %e, "cannot hand a client to a worker"),
+        };
         let sessions = worker.sessions.clone();
         sessions.fetch_add(1, Ordering::Relaxed);
         let counted = Counted(sessions);
         worker.handle.spawn(async move {
             let _counted = counted;
-            session.await
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(stream).await,
+                Err(e) => tracing::warn!(error = %e, "cannot serve a client on its worker"),
+            }
         });
     }
 }

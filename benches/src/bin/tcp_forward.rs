@@ -45,9 +45,7 @@ fn main() -> anyhow::Result<()> {
     let listen: SocketAddr = args.next().context(usage)?.parse().context(usage)?;
     let server: SocketAddr = args.next().context(usage)?.parse().context(usage)?;
     let threads: u32 = args.next().map_or(Ok(0), |t| t.parse()).context(usage)?;
-    let workers = proxy::workers::Workers::count(threads)
-        .map(proxy::workers::Workers::start)
-        .transpose()?;
+    let workers = proxy::workers::Workers::start(threads)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -55,19 +53,9 @@ fn main() -> anyhow::Result<()> {
         let listener = TcpListener::bind(listen).await?;
         loop {
             let (client, _) = listener.accept().await?;
-            match &workers {
-                None => drop(tokio::spawn(async move {
-                    let _ = forward(client, server).await;
-                })),
-                Some(workers) => {
-                    let client = client.into_std()?;
-                    workers.spawn(async move {
-                        if let Ok(client) = TcpStream::from_std(client) {
-                            let _ = forward(client, server).await;
-                        }
-                    });
-                }
-            }
+            workers.serve(client, move |client| async move {
+                let _ = forward(client, server).await;
+            });
         }
     })
 }
