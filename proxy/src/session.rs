@@ -426,7 +426,6 @@ impl Session {
             Error::ShuttingDown.encode(&mut self.cout);
             return Ok(true);
         }
-        self.maybe_release();
 
         // A request on its way when SHUTDOWN closes the client's read side
         // is finished first, so the client learns whether it committed.
@@ -548,6 +547,9 @@ impl Session {
                 }
             }
         }
+        // Back to the pool before the client sees its reply: whoever it
+        // then tells (or a metrics scrape) finds the connection free.
+        self.maybe_release();
         if !self.cout.is_empty() {
             let sent = try_write(&self.client, &mut self.cout).map_err(Error::ClientIo)?;
             self.registration.info().counters.add_sent(sent);
