@@ -101,28 +101,32 @@ impl ServerInfo {
     }
 }
 
+/// `repr(C)`, in this order: what every transaction touches (the socket,
+/// its buffer, the parameters compared at checkout, the `SHOW SERVERS`
+/// entry, the flags) comes first, in two cache lines.
+#[repr(C)]
 pub struct ServerConn {
     pub stream: TcpStream,
     /// Read buffer; frames are split off it.
     pub buf: BytesMut,
-    pub cancel_key: CancelKey,
-    pub login_params: ServerParams,
     /// Session parameters as applied on this connection.
     pub params: ParamState,
-    /// Content hashes of the statements prepared here under `sl_<hash>` names.
-    pub prepared: PreparedSet,
+    /// What `SHOW SERVERS` shows of it.
+    pub info: Arc<ServerInfo>,
+    /// The worker whose reactor `stream` is registered with (see
+    /// [`crate::workers`]).
+    pub home: u32,
     /// Set when the protocol state is unknown; the pool then drops the connection.
     pub broken: bool,
     /// Set when the connection is fine but no longer wanted (its pool
     /// shrank, or it outlived `server_lifetime`): the pool closes it too.
     pub retire: bool,
-    /// What `SHOW SERVERS` shows of it.
-    pub info: Arc<ServerInfo>,
+    pub cancel_key: CancelKey,
+    pub login_params: ServerParams,
+    /// Content hashes of the statements prepared here under `sl_<hash>` names.
+    pub prepared: PreparedSet,
     /// Its entry in its pool's list of servers, removed when it closes.
     pub registration: Option<crate::pool::ServerRegistration>,
-    /// The worker whose reactor `stream` is registered with (see
-    /// [`crate::workers`]).
-    pub home: u32,
 }
 
 impl ServerConn {

@@ -90,6 +90,21 @@ async fn write_some<W: AsyncWrite + Unpin>(
     Ok(n)
 }
 
+/// A socket read may fill at least this much of a buffer.
+const READ_ROOM_MIN: usize = 4096;
+
+/// Makes room for a socket read. A buffer keeps its room after its bytes
+/// are consumed only when its spare capacity runs low: `reserve` then
+/// moves what is left to the front of the allocation, which for a buffer
+/// once split costs a look at its shared header, a cache line of its own.
+/// Doing that every turn cost a cache miss per buffer per transaction.
+#[inline]
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_ROOM_MIN {
+        buf.reserve(8192);
+    }
+}
+
 /// Sends what the socket takes of `buf` now and drops the sent bytes; a full
 /// socket is not an error (the event loop waits for it to drain). Returns
 /// the bytes sent.
@@ -122,7 +137,7 @@ fn is_plain(tag: u8, body: &[u8]) -> Result<bool> {
 /// Adds a reply frame to the cache fill in progress, if any; stores the
 /// reply at its ReadyForQuery. Anything but a plain result (an error, a
 /// notice, ...) abandons the fill.
-fn fill_with(fill: &mut Option<Fill>, cache: Option<&ResultCache>, tag: u8, frame: &[u8]) {
+fn fill_with(fill: &mut Option<Box<Fill>>, cache: Option<&ResultCache>, tag: u8, frame: &[u8]) {
     let (Some(f), Some(cache)) = (fill.as_mut(), cache) else {
         return;
     };
@@ -175,7 +190,10 @@ struct ClientStatement {
     effects: Option<Effects>,
 }
 
+#[repr(C)]
 pub struct Session {
+    // Hot first: what a transaction on the plain path touches, in a few
+    // cache lines (`repr(C)` keeps this order); the rest after.
     /// First, so that it goes before the socket closes (see
     /// [`crate::clients::ClientInfo`]): the client's entry in `SHOW
     /// CLIENTS`, and the counters `SHOW STATS` sums.
@@ -184,104 +202,106 @@ pub struct Session {
     client: TcpStream,
     cbuf: BytesMut,
     cout: BytesMut,
+    sout: BytesMut,
+    server: Option<Pooled>,
+    pending: Pending,
     /// The pool the next server connection comes from.
     pool: Arc<Pool>,
+    in_flight: Option<InFlight>,
+    /// Requests the client pipelined behind the one in flight, oldest
+    /// first (at most `PIPELINED_MAX`; later ones join the last).
+    queued: std::collections::VecDeque<InFlight>,
+    /// Session effects of statements completed in the current transaction.
+    txn_effects: Vec<SessionEffect>,
+    /// What this transaction's writes invalidate in the cache when it ends.
+    cache_writes: Invalidations,
+    /// A read sent to a replica (a Query, or a Bind or Describe and the rest
+    /// of its batch), kept until its first row reaches the client, so it
+    /// can be sent elsewhere if the replica fails.
+    retry: Option<Retry>,
+    /// An extended-protocol statement that runs on several shards, collected
+    /// until its Sync.
+    multi_batch: Option<Box<routing::MultiBatch>>,
+    /// A cache miss whose reply is being read from the primary.
+    fill: Option<Box<Fill>>,
+    unnamed_effects: Option<Effects>,
+    bound_effects: Option<Effects>,
+    /// Bytes of a large client frame still to pass to the server.
+    client_stream: usize,
+    /// Bytes of a large server frame still to pass to the client.
+    server_stream: usize,
+    /// When the client's transaction began, by `Shared::clock`.
+    xact_start_us: u64,
+    /// The latency histogram of the last request's route (looked up again
+    /// only when the route changes).
+    route_histogram: Option<(Route, Arc<LatencyHistogram>)>,
+    /// The database's SLO window, when it has objectives.
+    slo: Option<Arc<SloWindow>>,
+    cancel_target: CancelTarget,
+    /// The shard of the attached server connection (`None` without a shard map).
+    server_shard: Option<ShardId>,
+    /// The server of the attached connection, counted as outstanding on it
+    /// (`None` without a shard map).
+    server_hold: Option<Hold>,
+    /// Counts server connections attached, so that per-connection facts
+    /// (the unnamed statement is there) can tell which connection they hold for.
+    attach_count: u64,
+    /// A BEGIN answered locally; sent ahead of the transaction's first
+    /// statement, once that statement has chosen the shard.
+    deferred_begin: Option<Bytes>,
+    /// Session parameters the client wants, and those it logged in with.
+    params: ParamState,
+    /// Times the read being sent again has been sent before.
+    retry_attempts: u32,
+    mode: PoolMode,
+    txn_status: TransactionStatus,
+    params_dirty: bool,
+    /// A proxy error ended an extended-protocol batch: skip to Sync.
+    skipping_to_sync: bool,
+    terminated: bool,
+    /// `SHUTDOWN` closed the client's read side while a request was on its
+    /// way: the session ends once it is answered.
+    client_shut: bool,
+    /// `in_transaction` as last published for `SHUTDOWN`.
+    published_in_transaction: bool,
+    error_in_batch: bool,
+    /// A statement that may write ran in this transaction.
+    txn_wrote: bool,
+    /// A statement was refused inside a transaction: like PostgreSQL, the
+    /// transaction is aborted until the client ends it.
+    aborted_locally: bool,
+    /// The statement being attached may write (it is not replica-safe).
+    statement_writes: bool,
+    /// The BEGIN held back in `deferred_begin` is READ ONLY, so the
+    /// transaction may run on a replica.
+    begin_read_only: bool,
+
+    // Cold: routing, replicas, named statements, parameters.
     /// The pool of the database's configured server.
     home_pool: Arc<Pool>,
     database: String,
     user: Arc<crate::config::User>,
     /// Pools of the shard map's servers, by address.
     shard_pools: HashMap<String, Arc<Pool>>,
-    /// The shard of the attached server connection (`None` without a shard map).
-    server_shard: Option<ShardId>,
-    /// The server of the attached connection, counted as outstanding on it
-    /// (`None` without a shard map).
-    server_hold: Option<Hold>,
     /// Where reads go (`SET shardline.read_from`).
     read_from: ReadFrom,
-    /// The BEGIN held back in `deferred_begin` is READ ONLY, so the
-    /// transaction may run on a replica.
-    begin_read_only: bool,
-    /// The statement being attached may write (it is not replica-safe).
-    statement_writes: bool,
-    /// A statement that may write ran in this transaction.
-    txn_wrote: bool,
     /// Per shard, the session's last write: its reads go only to replicas
     /// that have replayed it.
     last_writes: HashMap<ShardId, WriteMark>,
-    /// A read sent to a replica (a Query, or a Bind or Describe and the rest
-    /// of its batch), kept until its first row reaches the client, so it
-    /// can be sent elsewhere if the replica fails.
-    retry: Option<Retry>,
     /// The reply so far to the read in `retry` (what precedes its rows).
     held_reply: BytesMut,
-    /// Times the read being sent again has been sent before.
-    retry_attempts: u32,
-    /// Counts server connections attached, so that per-connection facts
-    /// (the unnamed statement is there) can tell which connection they hold for.
-    attach_count: u64,
     /// The client's unnamed statement while routing defers it to its Bind,
     /// and the attachment it was last sent on.
     unnamed: Option<ClientStatement>,
     unnamed_sent_on: Option<u64>,
-    /// A BEGIN answered locally; sent ahead of the transaction's first
-    /// statement, once that statement has chosen the shard.
-    deferred_begin: Option<Bytes>,
-    /// A statement was refused inside a transaction: like PostgreSQL, the
-    /// transaction is aborted until the client ends it.
-    aborted_locally: bool,
     /// `SET shardline.shard = N`: run everything on this shard.
     forced_shard: Option<ShardId>,
     /// The unnamed portal is a BEGIN/COMMIT/ROLLBACK answered locally, with this tag.
     local_portal: Option<&'static str>,
-    /// An extended-protocol statement that runs on several shards, collected
-    /// until its Sync.
-    multi_batch: Option<routing::MultiBatch>,
-    mode: PoolMode,
-    server: Option<Pooled>,
-    sout: BytesMut,
-    pending: Pending,
     statements: HashMap<Bytes, ClientStatement>,
-    unnamed_effects: Option<Effects>,
-    bound_effects: Option<Effects>,
-    /// Session parameters the client wants, and those it logged in with.
-    params: ParamState,
     startup_params: ParamState,
-    params_dirty: bool,
-    /// Session effects of statements completed in the current transaction.
-    txn_effects: Vec<SessionEffect>,
-    error_in_batch: bool,
-    txn_status: TransactionStatus,
-    /// Bytes of a large client frame still to pass to the server.
-    client_stream: usize,
-    /// Bytes of a large server frame still to pass to the client.
-    server_stream: usize,
-    /// A proxy error ended an extended-protocol batch: skip to Sync.
-    skipping_to_sync: bool,
-    cancel_target: CancelTarget,
-    terminated: bool,
     /// The statement being routed is a point read the cache may answer.
     point_read: Option<PointRead>,
-    /// A cache miss whose reply is being read from the primary.
-    fill: Option<Fill>,
-    /// What this transaction's writes invalidate in the cache when it ends.
-    cache_writes: Invalidations,
-    in_flight: Option<InFlight>,
-    /// `SHUTDOWN` closed the client's read side while a request was on its
-    /// way: the session ends once it is answered.
-    client_shut: bool,
-    /// Requests the client pipelined behind the one in flight, oldest
-    /// first (at most `PIPELINED_MAX`; later ones join the last).
-    queued: std::collections::VecDeque<InFlight>,
-    /// The latency histogram of the last request's route (looked up again
-    /// only when the route changes).
-    route_histogram: Option<(Route, Arc<LatencyHistogram>)>,
-    /// The database's SLO window, when it has objectives.
-    slo: Option<Arc<SloWindow>>,
-    /// When the client's transaction began, by `Shared::clock`.
-    xact_start_us: u64,
-    /// `in_transaction` as last published for `SHUTDOWN`.
-    published_in_transaction: bool,
 }
 
 /// What a session knows of its last write on a shard.
@@ -387,7 +407,21 @@ impl Session {
 
     /// Serves the client until it terminates or an error ends the session.
     pub async fn run(mut self) -> Result<()> {
-        let result = self.serve().await;
+        // The loop is here rather than in a function of its own: each
+        // nested future is one more state to look at in every wakeup.
+        let buffer_max = self.shared.config.proxy.buffer_bytes_max as usize;
+        let result = loop {
+            match self.step(buffer_max).await {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e @ Error::ServerIo(_)) if self.retry.is_some() => {
+                    if let Err(e) = self.retry_read(e).await {
+                        break Err(e);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
         if let Err(e) = &result {
             if !matches!(e, Error::ClientIo(_)) {
                 // After whatever replies are already due; `finish` writes them out.
@@ -396,18 +430,6 @@ impl Session {
         }
         self.finish().await;
         result
-    }
-
-    async fn serve(&mut self) -> Result<()> {
-        let buffer_max = self.shared.config.proxy.buffer_bytes_max as usize;
-        loop {
-            match self.step(buffer_max).await {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e @ Error::ServerIo(_)) if self.retry.is_some() => self.retry_read(e).await?,
-                Err(e) => return Err(e),
-            }
-        }
     }
 
     /// One turn of the event loop; `true` once the client is gone.
@@ -445,10 +467,10 @@ impl Session {
         let (mut client_rd, mut client_wr) = client.split();
         let read_client = cout.len() < buffer_max && sout.len() < buffer_max && !*client_shut;
         let read_server = cout.len() < buffer_max;
-        cbuf.reserve(8192);
+        make_room(cbuf);
         match server.as_deref_mut() {
             Some(conn) => {
-                conn.buf.reserve(8192);
+                make_room(&mut conn.buf);
                 let (mut server_rd, mut server_wr) = conn.stream.split();
                 tokio::select! {
                     biased;

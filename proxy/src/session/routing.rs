@@ -958,7 +958,7 @@ impl Session {
             self.ready_for_query(TransactionStatus::Idle);
             return CacheStep::Hit;
         }
-        self.fill = Some(Fill {
+        self.fill = Some(Box::new(Fill {
             identity,
             ticket: cache.store.ticket(&point.table, &point.key),
             origin: Origin {
@@ -967,7 +967,7 @@ impl Session {
             },
             reply: Vec::new(),
             complete: false,
-        });
+        }));
         CacheStep::Fill
     }
 
@@ -1349,7 +1349,7 @@ impl Session {
         definition: Bytes,
         bind: &Frame,
     ) -> Result<()> {
-        self.multi_batch = Some(MultiBatch {
+        self.multi_batch = Some(Box::new(MultiBatch {
             job,
             shards,
             definition,
@@ -1357,7 +1357,7 @@ impl Session {
             describe: false,
             execute: false,
             closes: 0,
-        });
+        }));
         Ok(())
     }
 
