@@ -32,6 +32,7 @@ use crate::clock::Clock;
 use crate::config::PoolMode;
 use crate::error::{Error, Result};
 use crate::server::{server_state, ParamState, ServerConn, ServerInfo, ServerParams, ServerTarget};
+use crate::workers::StripedCounter;
 
 /// bb8's own checkout timeout: longer than any `checkout_timeout`, which the
 /// gate applies itself (bb8 cannot change its own after it is built).
@@ -97,7 +98,7 @@ pub struct PoolCore {
     /// bb8's queue, statistics and clock. Bounded by the connections open.
     warm: Mutex<Vec<Warm>>,
     /// Checkouts served from `warm` (bb8 counts only its own).
-    warm_hits: AtomicU64,
+    warm_hits: StripedCounter,
     /// `server_idle_timeout`, for connections in `warm`.
     idle_timeout_us: AtomicU64,
 }
@@ -305,7 +306,7 @@ impl PoolCore {
             };
             if now.saturating_sub(since_us) < idle_timeout_us && conn.is_idle_and_open() {
                 conn.settle();
-                self.warm_hits.fetch_add(1, Ordering::Relaxed);
+                self.warm_hits.add(1);
                 return Some(conn);
             }
             conn.broken = true;
@@ -524,7 +525,7 @@ impl Pool {
             servers: Mutex::default(),
             clock,
             warm: Mutex::default(),
-            warm_hits: AtomicU64::new(0),
+            warm_hits: StripedCounter::default(),
             idle_timeout_us: AtomicU64::new(0),
         }));
         core.apply(&settings.live);
@@ -872,7 +873,7 @@ impl Pool {
     /// out itself).
     pub fn assignments(&self) -> u64 {
         let s = self.pool.state().statistics;
-        s.get_direct + s.get_waited + self.core.warm_hits.load(Ordering::Relaxed)
+        s.get_direct + s.get_waited + self.core.warm_hits.get()
     }
 
     /// Closes the idle connections past `server_idle_timeout`; returns how many.

@@ -18,7 +18,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -37,6 +37,36 @@ static NEXT_HOME: AtomicU32 = AtomicU32::new(1);
 #[inline]
 pub fn home() -> u32 {
     HOME.with(Cell::get)
+}
+
+/// Stripes of what every worker writes (a counter, a histogram): each
+/// worker writes its own, so a write never takes a cache line from the
+/// other cores. Worker numbers spread over them; readers sum them.
+pub const STRIPES: usize = 4;
+
+/// This thread's stripe (see [`STRIPES`]).
+#[inline]
+pub fn stripe() -> usize {
+    home() as usize % STRIPES
+}
+
+/// A counter every worker adds to, striped (see [`STRIPES`]).
+#[derive(Default)]
+pub struct StripedCounter([PaddedU64; STRIPES]);
+
+#[derive(Default)]
+#[repr(align(128))]
+struct PaddedU64(AtomicU64);
+
+impl StripedCounter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0[stripe()].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+    }
 }
 
 /// The session workers of one proxy (none: one thread for everything).
