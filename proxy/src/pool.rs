@@ -53,6 +53,10 @@ mod blocked {
     pub const CLOSING: u8 = 2;
 }
 
+/// Idle connections, from the top of the stack, looked at for one of the
+/// borrower's own worker before the top one is taken from another.
+const HOME_SCAN_MAX: usize = 16;
+
 /// The live part of a pool: limits and timeouts `RELOAD` changes, the gate,
 /// and the pool's server connections. One per pool for the life of the
 /// process (leaked, so that a checkout and its return reach it through a
@@ -298,9 +302,12 @@ impl PoolCore {
                 mut conn, since_us, ..
             } = {
                 let mut warm = self.warm.lock().expect("lock poisoned");
-                match warm.iter().rposition(|w| w.home == here) {
+                // Only near the top: the scan holds the lock, and a pool
+                // may have hundreds of idle connections.
+                let top = warm.len().saturating_sub(HOME_SCAN_MAX);
+                match warm[top..].iter().rposition(|w| w.home == here) {
                     // Taken out of the middle, the stack stays oldest first.
-                    Some(i) => warm.remove(i),
+                    Some(i) => warm.remove(top + i),
                     None => warm.pop()?,
                 }
             };
