@@ -106,9 +106,10 @@ fn run() -> anyhow::Result<()> {
 /// current one. (The proxy runs its sessions on workers of its own, each a
 /// single thread: `proxy::workers`.)
 fn runtime(one_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = match one_thread {
-        true => tokio::runtime::Builder::new_current_thread(),
-        false => tokio::runtime::Builder::new_multi_thread(),
+    let mut builder = if one_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     };
     builder
         .enable_all()

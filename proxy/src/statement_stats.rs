@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::slo::SloWindow;
-use crate::workers::STRIPES;
+use crate::workers::Striped;
 
 /// Where a request ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,17 +93,17 @@ const BUCKETS_NANOS: [u64; 16] = [
 
 /// A latency histogram of atomic counters: recording is a few relaxed adds.
 /// Every session of a route records into it, so the counters are striped
-/// by worker (see [`STRIPES`]): with one set, each record moved the set's
-/// cache lines from the other core, several times a transaction.
+/// by worker (see [`crate::workers::STRIPES`]): with one set, each record
+/// moved the set's cache lines from the other core, several times a
+/// transaction.
 #[derive(Default)]
 pub struct LatencyHistogram {
-    stripes: [Stripe; STRIPES],
+    stripes: Striped<Counts>,
 }
 
-/// One worker's counters, on cache lines of their own.
+/// One worker's counters.
 #[derive(Default)]
-#[repr(align(128))]
-struct Stripe {
+struct Counts {
     /// Per bucket (not cumulative); the last one is `+Inf`.
     counts: [AtomicU64; BUCKETS_NANOS.len() + 1],
     sum_nanos: AtomicU64,
@@ -126,7 +126,7 @@ impl LatencyHistogram {
             .iter()
             .position(|&bound| nanos <= bound)
             .unwrap_or(BUCKETS_NANOS.len());
-        let stripe = &self.stripes[crate::workers::stripe()];
+        let stripe = self.stripes.mine();
         stripe.counts[bucket].fetch_add(1, Ordering::Relaxed);
         stripe.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
@@ -139,14 +139,12 @@ impl LatencyHistogram {
             .map(|(i, bound)| {
                 let n = self
                     .stripes
-                    .iter()
+                    .all()
                     .map(|s| s.counts[i].load(Ordering::Relaxed));
                 (*bound, n.sum())
             })
             .collect();
-        let sum_nanos: u64 = self
-            .stripes
-            .iter()
+        let sum_nanos: u64 = (self.stripes.all())
             .map(|s| s.sum_nanos.load(Ordering::Relaxed))
             .sum();
         HistogramSnapshot {
@@ -252,6 +250,7 @@ impl StatementStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workers::STRIPES;
 
     #[test]
     fn a_histogram_counts_each_observation_in_its_bucket_and_the_sum() {
@@ -273,9 +272,10 @@ mod tests {
     #[test]
     fn a_snapshot_sums_what_every_worker_recorded() {
         let h = LatencyHistogram::default();
-        h.observe(Duration::from_micros(50)); // this thread: stripe 0
-                                              // As another worker's thread records: its own stripe.
-        let other = &h.stripes[STRIPES - 1];
+        // This thread is no worker: it records in stripe 0. Another
+        // worker's thread records in its own.
+        h.observe(Duration::from_micros(50));
+        let other = h.stripes.all().nth(STRIPES - 1).unwrap();
         other.counts[0].fetch_add(2, Ordering::Relaxed);
         other.sum_nanos.fetch_add(30_000, Ordering::Relaxed);
         let s = h.snapshot();

@@ -44,28 +44,39 @@ pub fn home() -> u32 {
 /// other cores. Worker numbers spread over them; readers sum them.
 pub const STRIPES: usize = 4;
 
-/// This thread's stripe (see [`STRIPES`]).
-#[inline]
-pub fn stripe() -> usize {
-    home() as usize % STRIPES
+/// One value per stripe, each on cache lines of its own (see [`STRIPES`]).
+#[derive(Default)]
+pub struct Striped<T>([Padded<T>; STRIPES]);
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> Striped<T> {
+    /// This thread's stripe, the one it writes.
+    #[inline]
+    pub fn mine(&self) -> &T {
+        &self.0[home() as usize % STRIPES].0
+    }
+
+    /// Every stripe, for a reader to sum.
+    pub fn all(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|p| &p.0)
+    }
 }
 
 /// A counter every worker adds to, striped (see [`STRIPES`]).
 #[derive(Default)]
-pub struct StripedCounter([PaddedU64; STRIPES]);
-
-#[derive(Default)]
-#[repr(align(128))]
-struct PaddedU64(AtomicU64);
+pub struct StripedCounter(Striped<AtomicU64>);
 
 impl StripedCounter {
     #[inline]
     pub fn add(&self, n: u64) {
-        self.0[stripe()].0.fetch_add(n, Ordering::Relaxed);
+        self.0.mine().fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> u64 {
-        self.0.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+        self.0.all().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 }
 
