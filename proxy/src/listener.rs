@@ -250,7 +250,7 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let (slot, process_id, cbuf, pool, startup_params, cancel_target, names) = login;
+    let (slot, (process_id, secret_key), cbuf, pool, startup_params, names) = login;
     let (database, user, application_name) = names;
     let registration = {
         use std::os::fd::AsRawFd;
@@ -265,6 +265,8 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
             now_us: shared.clock.now_us(),
         })
     };
+    // Only now: a cancel is forwarded to the servers linked to this client.
+    (shared.cancels).register(process_id, secret_key, registration.info().id);
     let span = tracing::Span::current();
     span.record("database", database.as_str());
     span.record("user", user.name.as_str());
@@ -276,7 +278,6 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
             cbuf,
             pool,
             startup_params,
-            cancel_target,
             database,
             user,
         },
@@ -352,11 +353,11 @@ enum LoggedIn {
 
 type ClientLogin = (
     crate::shared::ClientSlot,
-    i32,
+    // the BackendKeyData the client got: process id, secret key
+    (i32, i32),
     BytesMut,
     Arc<crate::pool::Pool>,
     crate::server::ParamState,
-    crate::cancel::CancelTarget,
     // database, user, application_name
     (String, Arc<User>, String),
 );
@@ -400,7 +401,7 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
                 process_id,
                 secret_key,
             }) => {
-                shared.cancels.cancel(process_id, secret_key).await;
+                crate::cancel::cancel(shared, process_id, secret_key).await;
                 return Ok(None);
             }
             Some(StartupRequest::Startup(startup)) => break startup,
@@ -491,17 +492,15 @@ async fn login(shared: &Arc<Shared>, stream: &mut TcpStream) -> Result<Option<Lo
     }
     let process_id = shared.next_process_id();
     let secret_key = rand::random::<i32>();
-    let cancel_target = shared.cancels.register(process_id, secret_key);
     backend::encode_backend_key_data(&mut out, process_id, secret_key);
     backend::encode_ready_for_query(&mut out, TransactionStatus::Idle);
     write(stream, &mut out).await?;
     Ok(Some(LoggedIn::Client((
         slot,
-        process_id,
+        (process_id, secret_key),
         buf,
         pool,
         startup_params,
-        cancel_target,
         (
             database.name.clone(),
             user,

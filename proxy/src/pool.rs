@@ -407,7 +407,7 @@ impl bb8::ManageConnection for ServerManager {
                 let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
                 let info = Arc::new(ServerInfo::new(
                     id,
-                    conn.cancel_key.process_id,
+                    conn.info.cancel_key,
                     conn.info.local,
                     core.clock.now_us(),
                 ));

@@ -62,8 +62,9 @@ pub type ParamState = Arc<BTreeMap<String, Arc<str>>>;
 pub struct ServerInfo {
     /// Unique in the process (0 for connections no pool owns).
     pub id: u64,
-    /// The server's backend process id (from BackendKeyData).
-    pub remote_pid: i32,
+    /// The server's BackendKeyData (and address): what a client's
+    /// CancelRequest is forwarded with while the client holds it.
+    pub cancel_key: CancelKey,
     pub local: Option<SocketAddr>,
     pub connect_time: SystemTime,
     /// [`crate::clock::Clock::now_us`] when it logged in.
@@ -83,10 +84,15 @@ pub mod server_state {
 }
 
 impl ServerInfo {
-    pub fn new(id: u64, remote_pid: i32, local: Option<SocketAddr>, connected_us: u64) -> Self {
+    pub fn new(
+        id: u64,
+        cancel_key: CancelKey,
+        local: Option<SocketAddr>,
+        connected_us: u64,
+    ) -> Self {
         ServerInfo {
             id,
-            remote_pid,
+            cancel_key,
             local,
             connect_time: SystemTime::now(),
             connected_us,
@@ -121,7 +127,6 @@ pub struct ServerConn {
     /// Set when the connection is fine but no longer wanted (its pool
     /// shrank, or it outlived `server_lifetime`): the pool closes it too.
     pub retire: bool,
-    pub cancel_key: CancelKey,
     pub login_params: ServerParams,
     /// Content hashes of the statements prepared here under `sl_<hash>` names.
     pub prepared: PreparedSet,
@@ -290,21 +295,21 @@ impl ServerConn {
             }
         }
         let (process_id, secret_key) = key.unwrap_or((0, 0));
+        let cancel_key = CancelKey {
+            addr,
+            process_id,
+            secret_key,
+        };
         let local = stream.local_addr().ok();
         Ok(ServerConn {
             stream,
             buf,
-            cancel_key: CancelKey {
-                addr,
-                process_id,
-                secret_key,
-            },
             login_params: Arc::new(params),
             params: ParamState::default(),
             prepared: PreparedSet::new(prepared_max as usize),
             broken: false,
             retire: false,
-            info: Arc::new(ServerInfo::new(0, process_id, local, 0)),
+            info: Arc::new(ServerInfo::new(0, cancel_key, local, 0)),
             registration: None,
             home: crate::workers::home(),
         })

@@ -20,7 +20,6 @@ use wire::frontend::{self, Bind, Parse, Target};
 use wire::{Frame, Header};
 
 use crate::backends::Hold;
-use crate::cancel::CancelTarget;
 use crate::config::{PoolMode, ReadFrom};
 use crate::error::{Error, Result};
 use crate::params;
@@ -237,7 +236,6 @@ pub struct Session {
     route_histogram: Option<(Route, Arc<LatencyHistogram>)>,
     /// The database's SLO window, when it has objectives.
     slo: Option<Arc<SloWindow>>,
-    cancel_target: CancelTarget,
     /// The shard of the attached server connection (`None` without a shard map).
     server_shard: Option<ShardId>,
     /// The server of the attached connection, counted as outstanding on it
@@ -333,7 +331,6 @@ pub struct Login {
     pub cbuf: BytesMut,
     pub pool: Arc<Pool>,
     pub startup_params: ParamState,
-    pub cancel_target: CancelTarget,
     /// The database and user the client logged in as.
     pub database: String,
     pub user: Arc<crate::config::User>,
@@ -390,7 +387,6 @@ impl Session {
             client_stream: 0,
             server_stream: 0,
             skipping_to_sync: false,
-            cancel_target: login.cancel_target,
             terminated: false,
             point_read: None,
             fill: None,
@@ -635,7 +631,6 @@ impl Session {
             conn.params = ParamState::default();
             conn.prepared.clear();
         }
-        *self.cancel_target.lock().expect("lock poisoned") = None;
     }
 
     fn maybe_release(&mut self) {
@@ -677,7 +672,6 @@ impl Session {
         }
         self.server_shard = None;
         self.server_hold = None;
-        *self.cancel_target.lock().expect("lock poisoned") = None;
     }
 
     /// Closes the attached server connection (its state is unknown, or
@@ -691,7 +685,6 @@ impl Session {
         self.pending.clear();
         self.server_shard = None;
         self.server_hold = None;
-        *self.cancel_target.lock().expect("lock poisoned") = None;
     }
 
     /// Whether the attached server connection is inside the client's
@@ -746,7 +739,6 @@ impl Session {
     }
 
     fn attach_conn(&mut self, conn: Pooled) {
-        *self.cancel_target.lock().expect("lock poisoned") = Some(conn.cancel_key);
         self.server = Some(conn);
         self.attach_count += 1;
         self.params_dirty = true;

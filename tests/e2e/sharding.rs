@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::error::Error as StdError;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use futures_util::SinkExt;
 use router::hash::KeyValue;
@@ -15,7 +16,7 @@ use testkit::Cluster;
 use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::harness::{sqlstate, Options};
+use crate::harness::{eventually, sqlstate, Options};
 use crate::sharded_env::ShardedEnv;
 
 const ACCOUNTS: &str = "CREATE TABLE accounts (id int8 PRIMARY KEY, v text)";
@@ -156,6 +157,72 @@ async fn rows_land_on_exactly_the_shard_that_owns_their_key() {
             .filter(|(s, _)| *s == shard)
             .count();
         assert_eq!(held, owned, "rows on shard {shard}");
+    }
+}
+
+/// A CancelRequest during a fanned-out query reaches the backend on every
+/// shard, not only one: the client gets 57014 at once and no shard keeps
+/// running the statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_fanned_out_query_on_every_shard() {
+    let env = ShardedEnv::start(2).await;
+    env.declare("accounts", "id", KeyType::Int8, 12).await;
+    env.lay_out("accounts", ACCOUNTS).await;
+    let rows: BTreeMap<i64, String> = (1..=20).map(|id| (id, format!("row {id}"))).collect();
+    let owners: BTreeSet<ShardId> = (rows.keys())
+        .map(|id| env.owner("accounts", &KeyValue::Int8(*id)))
+        .collect();
+    assert_eq!(owners.len(), 2, "a row on each shard, so each one sleeps");
+    load_accounts_directly(&env, &rows).await;
+
+    // `pg_sleep` itself is volatile, which a fanned-out query refuses; a
+    // function of the test's own hides it.
+    for shard in 0..2 {
+        (env.direct(shard).await)
+            .batch_execute(
+                "CREATE FUNCTION slow_id(int8) RETURNS int8 LANGUAGE plpgsql IMMUTABLE \
+                 AS 'BEGIN PERFORM pg_sleep(60); RETURN $1; END'",
+            )
+            .await
+            .unwrap();
+    }
+    const SLEEP: &str = "SELECT slow_id(id) FROM accounts";
+    let client = env.client().await;
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.query(SLEEP, &[]).await });
+    let running = |shard: usize| {
+        let env = &env;
+        async move {
+            let rows = (env.direct(shard).await)
+                .query(
+                    "SELECT 1 FROM pg_stat_activity \
+                     WHERE query LIKE '%slow_id(id)%' AND state = 'active' \
+                     AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap();
+            !rows.is_empty()
+        }
+    };
+    for shard in 0..2 {
+        let started = eventually(Duration::from_secs(10), || running(shard)).await;
+        if !started && sleeper.is_finished() {
+            panic!("the statement ended early: {:?}", sleeper.await);
+        }
+        assert!(started, "the statement reached shard {shard}");
+    }
+
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("cancelled in time, not after the 60 s sleep")
+        .unwrap();
+    let err = result.expect_err("the query was cancelled");
+    assert_eq!(sqlstate(&err), "57014", "{err}");
+    for shard in 0..2 {
+        let stopped = eventually(Duration::from_secs(10), || async { !running(shard).await }).await;
+        assert!(stopped, "shard {shard} still runs the cancelled statement");
     }
 }
 

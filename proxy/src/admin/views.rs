@@ -290,7 +290,7 @@ pub fn show_servers(shared: &Shared, out: &mut BytesMut) {
                 text(format_wall(server.connect_time)),
                 wall(clock, server.request_us.load(Ordering::Relaxed)),
                 (active && link != 0).then(|| link.to_string()),
-                text(server.remote_pid),
+                text(server.cancel_key.process_id),
                 text(server.id),
                 shard.clone(),
                 role.clone(),
