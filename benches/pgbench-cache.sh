@@ -156,7 +156,9 @@ export PGCONNECT_TIMEOUT=30
 
 PORT=$(free_port)
 log "shardline dev --shards 1 --replicas 0 on 127.0.0.1:$PORT (in $WORK/dev)"
-RUST_LOG=${RUST_LOG:-info} "$SHARDLINE_BIN" dev --dir "$WORK/dev" --port "$PORT" \
+# setsid: a session, so a scheduling group, apart from pgbench's (see
+# pgbench-compare.sh).
+RUST_LOG=${RUST_LOG:-info} setsid "$SHARDLINE_BIN" dev --dir "$WORK/dev" --port "$PORT" \
     --shards 1 --replicas 0 --pool-size "$POOL" >"$WORK/dev.out" 2>"$WORK/dev.err" &
 DEV_PID=$!
 for ((i = 0; i < 1200; i++)); do

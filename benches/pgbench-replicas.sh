@@ -60,7 +60,9 @@ fi
 
 PORT=$((20000 + RANDOM % 30000))
 log "shardline dev --shards 1 --replicas 1 on port $PORT (in $WORK)"
-"$SHARDLINE_BIN" dev --dir "$WORK/dev" --port "$PORT" --shards 1 --replicas 1 \
+# setsid: a session, so a scheduling group, apart from pgbench's (see
+# pgbench-compare.sh).
+setsid "$SHARDLINE_BIN" dev --dir "$WORK/dev" --port "$PORT" --shards 1 --replicas 1 \
     >"$WORK/dev.out" 2>"$WORK/dev.err" &
 DEV_PID=$!
 for _ in $(seq 600); do

@@ -55,7 +55,9 @@ fi
 
 PORT=$((20000 + RANDOM % 40000))
 log "starting shardline dev --shards 2 on port $PORT"
-"$SHARDLINE_BIN" dev --dir "$WORK/dev" --shards 2 --port "$PORT" --pool-size 20 \
+# setsid: a session, so a scheduling group, apart from pgbench's (see
+# pgbench-compare.sh).
+setsid "$SHARDLINE_BIN" dev --dir "$WORK/dev" --shards 2 --port "$PORT" --pool-size 20 \
     >"$WORK/dev.out" 2>"$WORK/dev.err" &
 DEV_PID=$!
 for _ in $(seq 600); do
