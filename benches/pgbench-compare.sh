@@ -33,8 +33,9 @@
 #   STORM_TARGETS  proxies to storm, in this order for the connect storm and
 #                  reversed for the held one ["pgbouncer shardline"]
 #   SHARDLINE_BIN  use this binary instead of `cargo build --release`
-#   SHARDLINE_THREADS  Shardline's worker_threads: 0 is one per core (its
-#                  default), 1 a single event loop as PgBouncer has [0]
+#   SHARDLINE_THREADS  Shardline's worker_threads: 0 is its default (one
+#                  per two CPUs), 1 a single event loop as PgBouncer has,
+#                  2 two event loops [0]
 #   FLOOR          1 adds the target `floor`: benches/src/bin/tcp_forward.rs,
 #                  a tokio TCP forwarder with SHARDLINE_THREADS workers that
 #                  gives each client its own server connection and parses
@@ -545,7 +546,7 @@ echo "$(nproc) CPUs; PostgreSQL $("$PG_BINDIR/postgres" --version | awk '{ print
 echo "scale $SCALE, pool $POOL, ${DURATION}s per run, -j $JOBS, $ROUNDS round(s)$( ((ROUNDS > 1)) && echo ' (medians; peak RSS is the maximum)')."
 echo "Load average (1/5/15 min) before the runs: $LOAD_BEFORE, after the storms: $LOAD_AFTER."
 [[ $FLOOR == 1 ]] &&
-    echo "floor: tcp_forward, a tokio forwarder with ${SHARDLINE_THREADS:-0} worker threads (0: one per core), one server connection per client, no parsing: what any tokio proxy costs."
+    echo "floor: tcp_forward, a tokio forwarder with ${SHARDLINE_THREADS:-0} worker threads (0: Shardline's default, one per two CPUs), one server connection per client, no parsing: what any tokio proxy costs."
 echo
 awk -F'\t' -v rounds="$ROUNDS" -v targets="${TARGETS[*]}" '
 function median(s,    a, n, i, j, x) {

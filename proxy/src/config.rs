@@ -278,8 +278,8 @@ pub struct ProxyConfig {
     /// Named prepared statements one client may hold.
     pub client_prepared_statements_max: u32,
     /// Workers serving clients, each a thread with its own event loop
-    /// (`workers.rs`); 0 means one per CPU core, 1 a single thread for
-    /// everything.
+    /// (`workers.rs`); 0 means one per two CPUs (at least one), 1 a single
+    /// thread for everything.
     pub worker_threads: u32,
     /// Requests that take at least this long are logged at INFO with their
     /// route and duration (not their SQL, which is logged at DEBUG only).

@@ -1,5 +1,6 @@
-//! Session workers: one thread per core, each running its own
-//! single-threaded runtime, as nginx and Envoy run one event loop per core.
+//! Session workers: threads each running its own single-threaded runtime,
+//! as nginx and Envoy run one event loop per core; by default one per two
+//! CPUs (see [`default_count`]).
 //!
 //! A client's session lives on one worker from login to goodbye, and so do
 //! the server connections it borrows: a connection idle in the pool is
@@ -26,6 +27,20 @@ use tokio::net::TcpStream;
 thread_local! {
     /// This thread's worker number, 0 on threads that are not workers.
     static HOME: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Workers for `worker_threads = 0`: one per two CPUs (hardware threads,
+/// so about one per physical core), at least one. One event loop carries
+/// far more than one core's share of a proxy's work: a single worker served
+/// 40,000 `pgbench -S` transactions per second using 40% of a core. A proxy
+/// shares its machine with its clients, a database or SMT siblings, and
+/// every further worker adds cross-thread handoffs (a connection one worker
+/// released, borrowed by another). On 2 CPUs (benches/pgbench-compare.sh,
+/// ROUNDS=3) two workers against one cost 10-15% more CPU per transaction
+/// for no more TPS, and with 500 clients on a pool of 20 served 0.84 of
+/// PgBouncer's TPS against 0.97.
+pub fn default_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 /// Worker numbers, unique in the process (tests run several proxies).
@@ -95,11 +110,12 @@ struct Worker {
 }
 
 impl Workers {
-    /// Starts the workers `worker_threads` asks for: 0 is one per core, 1
-    /// none (sessions then run on the caller's runtime, on one thread).
+    /// Starts the workers `worker_threads` asks for: 0 is
+    /// [`default_count`], 1 none (sessions then run on the caller's
+    /// runtime, on one thread).
     pub fn start(worker_threads: u32) -> std::io::Result<Workers> {
         let n = match worker_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => default_count(),
             n => n as usize,
         };
         let n = if n > 1 { n } else { 0 };

@@ -27,10 +27,18 @@ pub struct Options {
 }
 
 impl Options {
-    /// The `[proxy]` section of a test config: any port, these pool settings.
+    /// The `[proxy]` section of a test config: any port, these pool
+    /// settings, two workers unless `proxy_extra` says otherwise. (The
+    /// default on a 2-CPU machine is one; two make the tests also cover
+    /// sessions on different threads sharing a pool.)
     pub fn proxy_section(&self) -> String {
+        let workers = if self.proxy_extra.contains("worker_threads") {
+            ""
+        } else {
+            "worker_threads = 2\n"
+        };
         format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\npool_size = {}\npool_mode = \"{}\"\n{}\n",
+            "[proxy]\nlisten = \"127.0.0.1:0\"\npool_size = {}\npool_mode = \"{}\"\n{workers}{}\n",
             self.pool_size, self.pool_mode, self.proxy_extra
         )
     }

@@ -6,8 +6,8 @@
 //! any work of its own. `benches/pgbench-compare.sh` runs it beside the
 //! proxies with `FLOOR=1`.
 //!
-//! WORKER_THREADS as Shardline's `worker_threads`: 0 (the default) is one
-//! worker per core, 1 a single event loop.
+//! WORKER_THREADS as Shardline's `worker_threads`: 0 (the default) is
+//! Shardline's default count, 1 a single event loop.
 
 use std::net::SocketAddr;
 
