@@ -2,9 +2,9 @@
 # pgbench-sharded.sh: point selects by key through a 2-shard Shardline,
 # against the same script on one PostgreSQL directly.
 #
-# Starts `shardline dev --shards 2` in a temporary directory (two local
-# PostgreSQL shards, a metadata node, the proxy and the demo `accounts` table
-# with 5000 rows spread over the shards), copies all 5000 rows into a plain
+# Starts `shardline dev --shards 2 --replicas 0` in a temporary directory
+# (two local PostgreSQL shards without replicas, a metadata node, the proxy
+# and the demo `accounts` table with 5000 rows spread over the shards), copies all 5000 rows into a plain
 # table in a database `single` on shard 0's PostgreSQL, then runs the same
 # pgbench custom script (a point SELECT by a random id) against Shardline and
 # against `single`, alternating the two within each row. Prints a markdown
@@ -54,10 +54,10 @@ if [[ -z ${SHARDLINE_BIN:-} ]]; then
 fi
 
 PORT=$((20000 + RANDOM % 40000))
-log "starting shardline dev --shards 2 on port $PORT"
+log "starting shardline dev --shards 2 --replicas 0 on port $PORT"
 # setsid: a session, so a scheduling group, apart from pgbench's (see
 # pgbench-compare.sh).
-setsid "$SHARDLINE_BIN" dev --dir "$WORK/dev" --shards 2 --port "$PORT" --pool-size 20 \
+setsid "$SHARDLINE_BIN" dev --dir "$WORK/dev" --shards 2 --replicas 0 --port "$PORT" --pool-size 20 \
     >"$WORK/dev.out" 2>"$WORK/dev.err" &
 DEV_PID=$!
 for _ in $(seq 600); do
@@ -66,7 +66,8 @@ for _ in $(seq 600); do
     sleep 0.1
 done
 PROXY_URL=$(head -n 1 "$WORK/dev.out")
-SHARD0_PORT=$(sed -n 's/.*shard 0 is PostgreSQL on 127.0.0.1:\([0-9]*\).*/\1/p' "$WORK/dev.err")
+# "dev: shard 0 is", not "replica 0 of shard 0 is".
+SHARD0_PORT=$(sed -n 's/.*dev: shard 0 is PostgreSQL on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/dev.err")
 [[ -n $SHARD0_PORT ]] || die "could not find shard 0's port in $WORK/dev.err"
 PASSWORD=$(cat "$WORK/dev/password")
 DIRECT_URL="postgres://shardline:$PASSWORD@127.0.0.1:$SHARD0_PORT/single"
