@@ -223,9 +223,16 @@ wait_port() {
 }
 
 # Dies if PID is in this script's session, so shares pgbench's scheduling
-# group (see the Shardline section).
+# group (see the Shardline section). The session id is field 6 of
+# /proc/PID/stat, the 4th after the parenthesised command name.
+session_of() {
+    local stat
+    stat=$(<"/proc/$1/stat")
+    stat=${stat##*) }
+    awk '{ print $4 }' <<<"$stat"
+}
 own_session() {
-    [[ $(ps -o sid= -p "$1" | tr -d ' ') != $(ps -o sid= -p $$ | tr -d ' ') ]] ||
+    [[ $(session_of "$1") != "$(session_of $$)" ]] ||
         die "$2 (pid $1) shares pgbench's session, so its CPU figures would include pgbench's preemptions"
 }
 
