@@ -222,28 +222,24 @@ wait_port() {
     die "$name did not listen on port $port within 30s"
 }
 
-# Dies if PID is in this script's session, so shares pgbench's scheduling
-# group (see the Shardline section). The session id is field 6 of
-# /proc/PID/stat, the 4th after the parenthesised command name.
-session_of() {
+# Fields of /proc/PID/stat after the parenthesised command name (which may
+# hold spaces): the 3rd field is the 1st here.
+stat_fields() {
     local stat
     stat=$(<"/proc/$1/stat")
-    stat=${stat##*) }
-    awk '{ print $4 }' <<<"$stat"
+    echo "${stat##*) }"
 }
+
+# Dies if PID is in this script's session (field 6), so shares pgbench's
+# scheduling group (see the Shardline section).
 own_session() {
-    [[ $(session_of "$1") != "$(session_of $$)" ]] ||
+    [[ $(stat_fields "$1" | awk '{ print $4 }') != $(stat_fields $$ | awk '{ print $4 }') ]] ||
         die "$2 (pid $1) shares pgbench's session, so its CPU figures would include pgbench's preemptions"
 }
 
-# utime + stime of a process (all its threads), in clock ticks. Fields 14 and
-# 15 of /proc/PID/stat, counted after the parenthesised command name.
-cpu_ticks() {
-    local stat
-    stat=$(<"/proc/$1/stat")
-    stat=${stat##*) }
-    awk '{ print $12 + $13 }' <<<"$stat"
-}
+# utime + stime of a process (all its threads), in clock ticks: fields 14
+# and 15.
+cpu_ticks() { stat_fields "$1" | awk '{ print $12 + $13 }'; }
 
 # Peak resident set (VmHWM) of a process, in kB.
 peak_rss_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }

@@ -4,11 +4,12 @@
 #
 # Starts `shardline dev --shards 2 --replicas 0` in a temporary directory
 # (two local PostgreSQL shards without replicas, a metadata node, the proxy
-# and the demo `accounts` table with 5000 rows spread over the shards), copies all 5000 rows into a plain
-# table in a database `single` on shard 0's PostgreSQL, then runs the same
-# pgbench custom script (a point SELECT by a random id) against Shardline and
-# against `single`, alternating the two within each row. Prints a markdown
-# table with TPS, average latency and the ratio Shardline / direct.
+# and the demo `accounts` table with 5000 rows spread over the shards),
+# copies all 5000 rows into a plain table in a database `single` on shard
+# 0's PostgreSQL, then runs the same pgbench custom script (a point SELECT by
+# a random id) against Shardline and against `single`, alternating the two
+# within each row. Prints a markdown table with TPS, average latency and the
+# ratio Shardline / direct.
 # Everything started here is stopped by PID on exit.
 #
 # Usage: benches/pgbench-sharded.sh         (about 2 minutes plus the build)

@@ -228,7 +228,7 @@ async fn five_hundred_clients_share_ten_connections() {
 async fn one_server_connection_serves_clients_on_every_worker() {
     let env = Env::with(Options {
         pool_size: 1,
-        proxy_extra: "worker_threads = 2".into(),
+        worker_threads: 2,
         ..Options::default()
     })
     .await;
