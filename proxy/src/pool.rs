@@ -257,8 +257,14 @@ impl std::ops::DerefMut for Pooled {
     }
 }
 
-impl Drop for Pooled {
-    fn drop(&mut self) {
+impl Pooled {
+    /// Gives the connection back, `now_us` being `Clock::now_us` read
+    /// just now (dropping it reads the clock itself).
+    pub fn release(mut self, now_us: u64) {
+        self.give_back(Some(now_us));
+    }
+
+    fn give_back(&mut self, now_us: Option<u64>) {
         let core = self.slot.0;
         let Some(mut pooled) = self.conn.take() else {
             return;
@@ -271,7 +277,7 @@ impl Drop for Pooled {
         }
         // Plain loads of values that change only at RELOAD and when a
         // connection opens or closes.
-        let now = core.clock.now_us();
+        let now = now_us.unwrap_or_else(|| core.clock.now_us());
         let surplus = core.open.load(Ordering::Relaxed) > core.limit.load(Ordering::Relaxed);
         let age = now.saturating_sub(conn.info.connected_us);
         conn.retire = surplus || age >= core.lifetime_us.load(Ordering::Relaxed);
@@ -285,6 +291,12 @@ impl Drop for Pooled {
             };
             core.warm.lock().expect("lock poisoned").push(warm);
         }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.give_back(None);
     }
 }
 
@@ -613,7 +625,7 @@ impl Pool {
     /// Waits for a server connection up to the checkout timeout. Fails early
     /// if a connection attempt fails while waiting. Cancel-safe.
     pub async fn checkout(&self, who: Borrower<'_>) -> Result<Pooled> {
-        let slot = match self.take_now(who) {
+        let slot = match self.take_now(who, self.core.clock.now_us()) {
             Ok(conn) => return Ok(conn),
             Err(None) => return self.checkout_slow(who).await,
             Err(Some(slot)) => slot,
@@ -633,21 +645,21 @@ impl Pool {
     }
 
     /// A connection without waiting, if the gate has room and one is idle
-    /// (the usual case). `None`: [`Pool::checkout`] would wait.
+    /// (the usual case); `now_us` is `Clock::now_us` read just now.
+    /// `None`: [`Pool::checkout`] would wait.
     #[inline]
-    pub fn try_checkout(&self, who: Borrower<'_>) -> Option<Pooled> {
-        self.take_now(who).ok()
+    pub fn try_checkout(&self, who: Borrower<'_>, now_us: u64) -> Option<Pooled> {
+        self.take_now(who, now_us).ok()
     }
 
     /// A slot and an idle connection. `Err(Some(slot))`: a slot, but bb8
     /// must open a connection; `Err(None)`: the gate is full or shut.
     #[inline]
-    fn take_now(&self, who: Borrower<'_>) -> std::result::Result<Pooled, Option<Slot>> {
+    fn take_now(&self, who: Borrower<'_>, now: u64) -> std::result::Result<Pooled, Option<Slot>> {
         if !self.core.try_enter() {
             return Err(None);
         }
         let slot = Slot(self.core);
-        let now = self.core.clock.now_us();
         match self.core.take_warm(now) {
             Some(conn) => Ok(self.lend_at(conn, slot, who, now)),
             None => Err(Some(slot)),

@@ -86,21 +86,41 @@ async fn write_some<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<usize> {
     let n = w.write(&buf[..]).await?;
     buf.advance(n);
+    rewind(buf);
     Ok(n)
 }
 
 /// A socket read may fill at least this much of a buffer.
 const READ_ROOM_MIN: usize = 4096;
 
-/// Makes room for a socket read. A buffer keeps its room after its bytes
-/// are consumed only when its spare capacity runs low: `reserve` then
-/// moves what is left to the front of the allocation, which for a buffer
-/// once split costs a look at its shared header, a cache line of its own.
-/// Doing that every turn cost a cache miss per buffer per transaction.
+/// What a session buffer is allocated with, and what an empty one goes
+/// back to (see [`rewind`]).
+const BUFFER_BYTES: usize = 8192;
+
+/// Makes room for a socket read: an empty buffer goes back to its front
+/// ([`rewind`]); one holding part of a message is re-reserved only when its
+/// spare capacity runs low, since `reserve` on a buffer once split looks at
+/// its shared header, a cache line of its own.
 #[inline]
 fn make_room(buf: &mut BytesMut) {
+    rewind(buf);
     if buf.capacity() - buf.len() < READ_ROOM_MIN {
-        buf.reserve(8192);
+        buf.reserve(BUFFER_BYTES);
+    }
+}
+
+/// Moves an empty buffer back to the front of its allocation. Consuming
+/// bytes moves a buffer's start forward, so without this each transaction
+/// would read into and write from fresh memory, sweeping kilobytes per
+/// buffer through the cache (and the kernel's copies in and out of it
+/// would miss too); PgBouncer likewise reuses the same hot buffers. A
+/// buffer at its front already has its whole capacity: nothing is
+/// looked at then. Never allocates.
+#[inline]
+fn rewind(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() < BUFFER_BYTES {
+        // An allocation too small to go back to stays where it is.
+        let _ = buf.try_reclaim(BUFFER_BYTES);
     }
 }
 
@@ -111,6 +131,7 @@ fn try_write(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     match stream.try_write(&buf[..]) {
         Ok(n) => {
             buf.advance(n);
+            rewind(buf);
             Ok(n)
         }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
@@ -231,6 +252,9 @@ pub struct Session {
     server_stream: usize,
     /// When the client's transaction began, by `Shared::clock`.
     xact_start_us: u64,
+    /// The clock as read in this turn of the event loop, if it was (see
+    /// [`Session::now_us`]).
+    turn_us: Option<u64>,
     /// The latency histogram of the last request's route (looked up again
     /// only when the route changes).
     route_histogram: Option<(Route, Arc<LatencyHistogram>)>,
@@ -347,7 +371,7 @@ impl Session {
             shared,
             client: login.client,
             cbuf: login.cbuf,
-            cout: BytesMut::with_capacity(8192),
+            cout: BytesMut::with_capacity(BUFFER_BYTES),
             home_pool: login.pool.clone(),
             pool: login.pool,
             database: login.database,
@@ -373,7 +397,7 @@ impl Session {
             multi_batch: None,
             mode,
             server: None,
-            sout: BytesMut::with_capacity(8192),
+            sout: BytesMut::with_capacity(BUFFER_BYTES),
             pending: Pending::default(),
             statements: HashMap::new(),
             unnamed_effects: None,
@@ -397,6 +421,7 @@ impl Session {
             route_histogram: None,
             slo,
             xact_start_us: now,
+            turn_us: None,
             published_in_transaction: false,
         }
     }
@@ -430,6 +455,7 @@ impl Session {
 
     /// One turn of the event loop; `true` once the client is gone.
     async fn step(&mut self, buffer_max: usize) -> Result<bool> {
+        self.turn_us = None;
         self.process_client().await?;
         if self.terminated {
             return Ok(true);
@@ -526,6 +552,18 @@ impl Session {
         self.registration.info().counters.add_received(n);
     }
 
+    /// `Shared::clock` now, read once per turn of the event loop: the
+    /// request a turn starts and the server connection it takes, or the
+    /// reply it forwards and the connection it gives back, share one
+    /// reading (a clock read costs about as much as the rest of a turn's
+    /// bookkeeping). A turn never waits without forgetting it.
+    #[inline]
+    pub(super) fn now_us(&mut self) -> u64 {
+        *self
+            .turn_us
+            .get_or_insert_with(|| self.shared.clock.now_us())
+    }
+
     /// A request ended at `now` after `query_us`, its ReadyForQuery saying
     /// `status`: a query for `SHOW STATS`, and a transaction if idle.
     #[inline]
@@ -604,6 +642,7 @@ impl Session {
         let mut result = Ok(());
         for frame in retry.frames {
             result = Box::pin(self.on_client_frame(frame)).await;
+            self.turn_us = None;
             if result.is_err() {
                 break;
             }
@@ -669,6 +708,7 @@ impl Session {
                 // Bytes nobody asked for: the connection is out of step.
                 conn.broken = true;
             }
+            conn.release(self.now_us());
         }
         self.server_shard = None;
         self.server_hold = None;
@@ -749,7 +789,8 @@ impl Session {
     /// `false`: nothing attached, or attached with parameters to replay
     /// (left to `ensure_server`).
     fn attach_at_once(&mut self) -> bool {
-        let Some(conn) = self.pool.try_checkout(self.borrower()) else {
+        let now = self.now_us();
+        let Some(conn) = self.pool.try_checkout(self.borrower(), now) else {
             return false;
         };
         self.attach_conn(conn);
@@ -866,6 +907,8 @@ impl Session {
                 return Ok(());
             };
             self.on_client_frame(frame).await?;
+            // It may have waited (for a server connection, say).
+            self.turn_us = None;
         }
     }
 

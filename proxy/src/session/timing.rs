@@ -79,7 +79,7 @@ impl Session {
     /// recorded, and the one pipelined behind it is in flight now.
     pub(super) fn request_answered(&mut self, status: TransactionStatus) {
         if let Some(request) = self.in_flight.take() {
-            let now = self.shared.clock.now_us();
+            let now = self.now_us();
             let elapsed_us = now.saturating_sub(request.started_us);
             self.count_query(status, now, elapsed_us);
             self.record(request, now, elapsed_us);
@@ -102,7 +102,7 @@ impl Session {
                     duration_us = Empty,
                 )
             });
-        let now = self.shared.clock.now_us();
+        let now = self.now_us();
         self.registration
             .info()
             .request_us
