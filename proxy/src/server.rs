@@ -189,7 +189,7 @@ impl ServerConn {
         stream.write_all(&out).await.map_err(Error::ServerIo)?;
         out.clear();
 
-        let mut buf = BytesMut::with_capacity(8192);
+        let mut buf = BytesMut::with_capacity(crate::buffers::BUFFER_BYTES);
         let mut scram: Option<ScramSha256> = None;
         let mut params = Vec::new();
         let mut key = None;
@@ -303,7 +303,7 @@ impl ServerConn {
         let local = stream.local_addr().ok();
         Ok(ServerConn {
             stream,
-            buf,
+            buf: crate::buffers::unshared(&buf),
             login_params: Arc::new(params),
             params: ParamState::default(),
             prepared: PreparedSet::new(prepared_max as usize),
@@ -422,6 +422,8 @@ impl ServerConn {
                     {
                         self.broken = true;
                     }
+                    // Frames were split off it.
+                    self.buf = crate::buffers::unshared(&self.buf);
                     return Ok((value.flatten(), first_error));
                 }
                 _ => {}

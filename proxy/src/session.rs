@@ -20,6 +20,7 @@ use wire::frontend::{self, Bind, Parse, Target};
 use wire::{Frame, Header};
 
 use crate::backends::Hold;
+use crate::buffers;
 use crate::config::{PoolMode, ReadFrom};
 use crate::error::{Error, Result};
 use crate::params;
@@ -86,42 +87,8 @@ async fn write_some<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<usize> {
     let n = w.write(&buf[..]).await?;
     buf.advance(n);
-    rewind(buf);
+    buffers::rewind(buf);
     Ok(n)
-}
-
-/// A socket read may fill at least this much of a buffer.
-const READ_ROOM_MIN: usize = 4096;
-
-/// What a session buffer is allocated with, and what an empty one goes
-/// back to (see [`rewind`]).
-const BUFFER_BYTES: usize = 8192;
-
-/// Makes room for a socket read: an empty buffer goes back to its front
-/// ([`rewind`]); one holding part of a message is re-reserved only when its
-/// spare capacity runs low, since `reserve` on a buffer once split looks at
-/// its shared header, a cache line of its own.
-#[inline]
-fn make_room(buf: &mut BytesMut) {
-    rewind(buf);
-    if buf.capacity() - buf.len() < READ_ROOM_MIN {
-        buf.reserve(BUFFER_BYTES);
-    }
-}
-
-/// Moves an empty buffer back to the front of its allocation. Consuming
-/// bytes moves a buffer's start forward, so without this each transaction
-/// would read into and write from fresh memory, sweeping kilobytes per
-/// buffer through the cache (and the kernel's copies in and out of it
-/// would miss too); PgBouncer likewise reuses the same hot buffers. A
-/// buffer at its front already has its whole capacity: nothing is
-/// looked at then. Never allocates.
-#[inline]
-fn rewind(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() < BUFFER_BYTES {
-        // An allocation too small to go back to stays where it is.
-        let _ = buf.try_reclaim(BUFFER_BYTES);
-    }
 }
 
 /// Sends what the socket takes of `buf` now and drops the sent bytes; a full
@@ -131,7 +98,7 @@ fn try_write(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     match stream.try_write(&buf[..]) {
         Ok(n) => {
             buf.advance(n);
-            rewind(buf);
+            buffers::rewind(buf);
             Ok(n)
         }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
@@ -370,8 +337,8 @@ impl Session {
             registration: login.registration,
             shared,
             client: login.client,
-            cbuf: login.cbuf,
-            cout: BytesMut::with_capacity(BUFFER_BYTES),
+            cbuf: buffers::unshared(&login.cbuf),
+            cout: BytesMut::with_capacity(buffers::BUFFER_BYTES),
             home_pool: login.pool.clone(),
             pool: login.pool,
             database: login.database,
@@ -397,7 +364,7 @@ impl Session {
             multi_batch: None,
             mode,
             server: None,
-            sout: BytesMut::with_capacity(BUFFER_BYTES),
+            sout: BytesMut::with_capacity(buffers::BUFFER_BYTES),
             pending: Pending::default(),
             statements: HashMap::new(),
             unnamed_effects: None,
@@ -489,10 +456,10 @@ impl Session {
         let (mut client_rd, mut client_wr) = client.split();
         let read_client = cout.len() < buffer_max && sout.len() < buffer_max && !*client_shut;
         let read_server = cout.len() < buffer_max;
-        make_room(cbuf);
+        buffers::make_room(cbuf);
         match server.as_deref_mut() {
             Some(conn) => {
-                make_room(&mut conn.buf);
+                buffers::make_room(&mut conn.buf);
                 let (mut server_rd, mut server_wr) = conn.stream.split();
                 tokio::select! {
                     biased;
