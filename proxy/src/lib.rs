@@ -13,6 +13,7 @@ pub mod cancel;
 pub mod changes;
 pub mod clients;
 pub mod clock;
+mod cold;
 pub mod config;
 pub mod error;
 pub mod follower;

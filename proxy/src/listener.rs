@@ -19,6 +19,7 @@ use wire::backend::{self, TransactionStatus};
 use wire::{frontend, Frame, StartupRequest};
 
 use crate::auth::{self, ScramServer};
+use crate::cold::cold;
 use crate::config::{AuthMethod, Config, User};
 use crate::error::{Error, Result};
 use crate::params;
@@ -220,7 +221,7 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
             out
         })
     };
-    let login = match tokio::time::timeout(timeout, login(&shared, &mut stream)).await {
+    let login = match cold(tokio::time::timeout(timeout, login(&shared, &mut stream))).await {
         Ok(Ok(Some(LoggedIn::Client(login)))) => login,
         Ok(Ok(Some(LoggedIn::Admin {
             _slot,
@@ -229,8 +230,14 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
             buf,
             out,
         }))) => {
-            let served =
-                crate::admin::serve(&shared, &mut stream, &user, &application_name, buf, out);
+            let served = cold(crate::admin::serve(
+                &shared,
+                &mut stream,
+                &user,
+                &application_name,
+                buf,
+                out,
+            ));
             if let Err(e) = served.await {
                 if let Some(out) = failed(e) {
                     let _ = stream.write_all(&out).await;

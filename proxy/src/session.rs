@@ -21,6 +21,7 @@ use wire::{Frame, Header};
 
 use crate::backends::Hold;
 use crate::buffers;
+use crate::cold::cold;
 use crate::config::{PoolMode, ReadFrom};
 use crate::error::{Error, Result};
 use crate::params;
@@ -403,7 +404,7 @@ impl Session {
                 Ok(true) => break Ok(()),
                 Ok(false) => {}
                 Err(e @ Error::ServerIo(_)) if self.retry.is_some() => {
-                    if let Err(e) = self.retry_read(e).await {
+                    if let Err(e) = cold(self.retry_read(e)).await {
                         break Err(e);
                     }
                 }
@@ -416,7 +417,7 @@ impl Session {
                 self.send_error(e);
             }
         }
-        self.finish().await;
+        cold(self.finish()).await;
         result
     }
 
@@ -873,7 +874,7 @@ impl Session {
             let Some(frame) = Frame::decode(&mut self.cbuf, FRAME_BYTES_MAX)? else {
                 return Ok(());
             };
-            self.on_client_frame(frame).await?;
+            cold(self.on_client_frame(frame)).await?;
             // It may have waited (for a server connection, say).
             self.turn_us = None;
         }
